@@ -1,0 +1,66 @@
+# cd4ml — the two commands a fresh clone needs are `make pipeline` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export CD4ML_HOME ?= $(CURDIR)/.cd4ml
+
+.PHONY: help install system-deps pipeline test nbtest pytest lab ui export clean-nbs readme check-sync bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip check
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv (if missing) and install cd4ml with its dev tools
+
+system-deps: ## apt packages the browser and PostgreSQL tests need (chromium, postgresql)
+	@if command -v chromium >/dev/null && command -v psql >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "system-deps: chromium and postgresql already installed"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium postgresql >/dev/null && \
+	  echo "system-deps: installed chromium and postgresql"; \
+	fi
+
+pipeline: install ## run the whole default pipeline on generated data
+	$(BIN)/cd4ml run
+
+test: install nbtest pytest ## nbdev_test (notebook tests) + pytest (integration, end-to-end)
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: install
+	@$(BIN)/python -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here, not a pass" >&2; exit 1; fi; exit $$rc
+
+lab: install ## open JupyterLab on nbs/
+	$(BIN)/jupyter lab nbs
+
+ui: install ## open the MLflow UI on the workspace store
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CD4ML_HOME)/mlflow.db}" --port $${PORT:-5000}
+
+export: install ## nbs/ → cd4ml/ (nbdev_export)
+	$(BIN)/nbdev_export
+
+clean-nbs: install ## strip outputs and metadata from notebooks (nbdev_clean)
+	$(BIN)/nbdev_clean
+
+readme: install ## README.md from nbs/index.ipynb
+	$(BIN)/python .ci/readme.py
+
+check-sync: install ## fail if cd4ml/ or README.md are out of sync with nbs/, or notebooks are not clean
+	bash .ci/check-sync
+
+bench: install ## benchmarks: simulator speed/memory, pipeline overhead and cache ratios
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit $$?; done
+
+clean: ## delete the workspace (.cd4ml)
+	rm -rf "$(CD4ML_HOME)"
