@@ -1,0 +1,246 @@
+"""End-to-end tests of `cd4ml run` / `cd4ml reproduce`: the real CLI, real papermill kernels, a real MLflow
+SQLite store and real step notebooks, on tiny simulated data in a temp workspace.
+
+One module-scoped pipeline run (`base`) is shared; tests that change step notebooks work on their own copy of
+the project so they do not disturb the others (the cache and MLflow store are shared, as in real use).
+"""
+import json, math, os, shutil, subprocess, sys
+from pathlib import Path
+
+import mlflow
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CD4ML = str(Path(sys.executable).parent/"cd4ml")
+TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
+        "-p", "models.random_forest.n_estimators=10", "-p", "models.hist_gbr.max_iter=30"]
+MODELS = ["moving_average", "seasonal_naive", "ridge", "random_forest", "hist_gbr"]
+
+
+def copy_project(dest: Path) -> Path:
+    "A copy of the project's pipeline.yaml and step notebooks; returns the spec path."
+    (dest/"nbs").mkdir(parents=True)
+    shutil.copytree(ROOT/"nbs"/"steps", dest/"nbs"/"steps")
+    shutil.copy(ROOT/"pipeline.yaml", dest/"pipeline.yaml")
+    return dest/"pipeline.yaml"
+
+
+def cd4ml(*args, env=None):
+    "Run the cd4ml CLI; returns the completed process."
+    return subprocess.run([CD4ML, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def run_json(spec, *args, env=None) -> dict:
+    r = cd4ml("run", spec, *TINY, *args, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def cached(result) -> dict:
+    return {s["name"]: s["cached"] for s in result["steps"]}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    "Environment for the CLI: a fresh CD4ML_HOME, the default SQLite MLflow store inside it."
+    home = tmp_path_factory.mktemp("pipeline")/"cd4ml-home"
+    e = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    e["CD4ML_HOME"] = str(home)
+    mlflow.set_tracking_uri(f"sqlite:///{home/'mlflow.db'}")
+    yield e
+    mlflow.set_tracking_uri("")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return copy_project(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture(scope="module")
+def base(env, project):
+    "The pipeline run once on tiny data with two parallel workers."
+    return run_json(project, "-j", "2", env=env)
+
+
+def test_results(base, env):
+    names = [c["model"] for c in base["candidates"]]
+    assert names == MODELS
+    for c in base["candidates"]:
+        m = c["metrics"]
+        assert 0 < m["nwrmsle"] < 2 and m["rmse"] > 0 and m["mae"] > 0 and m["r2"] <= 1, c
+        assert not c["cached"]
+    best = min(base["candidates"], key=lambda c: c["metrics"]["nwrmsle"])
+    assert base["best"]["model"] == best["model"] and base["best"]["run_id"] == best["run_id"]
+    assert set(base["baselines"]) == {"moving_average", "seasonal_naive"}
+    assert base["baselines"]["moving_average"] == next(c for c in base["candidates"] if c["model"] == "moving_average")["metrics"]["nwrmsle"]
+    assert 0 < base["oracle_nwrmsle"] < base["baselines"]["moving_average"]      # the simulator's expectation beats the naive forecast
+    assert [s["name"] for s in base["steps"]] == ["data", "validate", "features", *[f"train:{m}" for m in MODELS], "evaluate"]
+    assert not any(cached(base).values())
+    assert base["dataset"].startswith("ds-")
+
+
+def test_mlflow_records(base, env):
+    client = mlflow.MlflowClient()
+    parent = client.get_run(base["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["cd4ml.dataset"] == base["dataset"]
+    for t in ("cd4ml.git_sha", "cd4ml.git_dirty", "cd4ml.package_lock", "cd4ml.version", "cd4ml.code_hash", "cd4ml.spec_hash"):
+        assert tags[t], t
+    assert parent.inputs.dataset_inputs[0].dataset.digest == base["dataset"]
+    assert math.isclose(parent.data.metrics["best_nwrmsle"], base["best"]["metrics"]["nwrmsle"])
+    assert math.isclose(parent.data.metrics["oracle_nwrmsle"], base["oracle_nwrmsle"])
+    assert {"baseline_ma_nwrmsle", "seasonal_naive_nwrmsle"} <= set(parent.data.metrics)
+    assert parent.data.params["stores"] == "3" and parent.data.params["models"] == ",".join(MODELS)
+    notebooks = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "notebooks")}
+    assert {"data.ipynb", "validate.ipynb", "features.ipynb", "train-ridge.ipynb", "evaluate.ipynb"} <= notebooks
+    run_dir = Path(env["CD4ML_HOME"])/"runs"/parent.info.run_id
+    executed = nbformat.read(str(run_dir/"train-ridge.ipynb"), as_version=4)
+    injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert 'model = "ridge"' in injected.source                                   # papermill injected the parameters
+    for c in base["candidates"]:
+        child = client.get_run(c["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["model"] == c["model"]
+        assert child.data.metrics == pytest.approx(c["metrics"], rel=1e-15)
+        assert child.data.tags["cd4ml.cached"] == "False"
+        assert "importance.csv" in {a.path for a in client.list_artifacts(c["run_id"])}
+    ridge = next(c for c in base["candidates"] if c["model"] == "ridge")
+    info = mlflow.models.get_model_info(ridge["model_uri"])
+    assert "mean_14d" in info.signature.inputs.input_names()
+    model = mlflow.sklearn.load_model(ridge["model_uri"])
+    example = mlflow.models.Model.load(ridge["model_uri"]).load_input_example(mlflow.artifacts.download_artifacts(ridge["model_uri"]))
+    assert len(model.predict(example)) == len(example)
+
+
+def test_no_change_rerun_is_cached(base, env, project):
+    # some steps cached: a new tracked run whose cached candidates point to the models logged before
+    again = run_json(project, "-p", "models=ridge,moving_average", env=env)
+    assert cached(again) == {"data": True, "validate": True, "features": True, "train:ridge": True,
+                             "train:moving_average": True, "evaluate": False}
+    assert again["parent_run_id"] != base["parent_run_id"] and not again["up_to_date"]
+    ridge = next(c for c in again["candidates"] if c["model"] == "ridge")
+    base_ridge = next(c for c in base["candidates"] if c["model"] == "ridge")
+    assert ridge["metrics"] == base_ridge["metrics"] and ridge["model_uri"] == base_ridge["model_uri"]
+    child = mlflow.get_run(ridge["run_id"])
+    assert child.data.tags["cd4ml.cached"] == "True" and child.data.tags["cd4ml.model_uri"] == ridge["model_uri"]
+    assert child.data.metrics == pytest.approx(base_ridge["metrics"], rel=1e-15)
+    # nothing changed at all: up to date, the earlier run's results, nothing run or logged
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    same = run_json(project, env=env)
+    assert same["up_to_date"] and all(cached(same).values())
+    assert same["parent_run_id"] == base["parent_run_id"] and same["candidates"] == base["candidates"]
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+
+
+def test_parameter_change_reruns_what_depends_on_it(base, env, project):
+    r = run_json(project, "-p", "models.ridge.alpha=5.0", env=env)
+    steps = cached(r)
+    assert not steps["train:ridge"] and not steps["evaluate"]
+    assert all(steps[s] for s in ["data", "validate", "features", "train:hist_gbr", "train:moving_average"])
+    ridge = next(c for c in r["candidates"] if c["model"] == "ridge")
+    assert ridge["metrics"] != next(c for c in base["candidates"] if c["model"] == "ridge")["metrics"]
+    assert mlflow.get_run(ridge["run_id"]).data.params["alpha"] == "5.0"
+
+
+def test_notebook_change_reruns_that_step(base, env, tmp_path):
+    spec = copy_project(tmp_path)
+    assert run_json(spec, env=env)["up_to_date"]                               # same content, other folder: cached
+    nb = nbformat.read(str(tmp_path/"nbs/steps/evaluate.ipynb"), as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("A note for the reader."))
+    nbformat.write(nb, str(tmp_path/"nbs/steps/evaluate.ipynb"))
+    steps = cached(run_json(spec, env=env))
+    assert not steps["evaluate"] and all(v for k, v in steps.items() if k != "evaluate"), steps
+
+
+def test_input_data_change(base, env, project):
+    other = run_json(project, "-p", "seed=1", "-p", "models=ridge", env=env)
+    assert other["dataset"] != base["dataset"]
+    assert not any(cached(other).values()), other["steps"]                 # new data: everything reruns
+    # naming the first dataset explicitly reruns only the data step: its output (the version) is unchanged,
+    # so every later step is found in the cache by content
+    same = run_json(project, "-p", f"dataset={base['dataset']}", "-p", "models=ridge", env=env)
+    assert same["dataset"] == base["dataset"]
+    assert cached(same) == {"data": False, "validate": True, "features": True, "train:ridge": True, "evaluate": False}
+
+
+def test_force_and_serial_equal_parallel(base, env, project):
+    serial = run_json(project, "--force", "-j", "1", env=env)
+    assert not any(cached(serial).values())
+    assert [c["metrics"] for c in serial["candidates"]] == [c["metrics"] for c in base["candidates"]]
+    assert serial["oracle_nwrmsle"] == base["oracle_nwrmsle"]
+
+
+def test_bad_params_fail_before_running(base, env, project, monkeypatch):
+    from typer.testing import CliRunner
+    from cd4ml.cli import app
+    for k, v in env.items(): monkeypatch.setenv(k, v)
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    for args, message in [(["-p", "colour=red"], "unknown parameter 'colour'"),
+                          (["-p", "models=ridge,xgboost"], "unknown model(s) ['xgboost']"),
+                          (["-p", "models.ridge.depth=3"], "model 'ridge': unknown parameter(s) ['depth']"),
+                          (["-p", "engine=dask"], "engine 'dask' is not available yet"),
+                          (["-p", "days"], "is not key=value")]:
+        r = CliRunner().invoke(app, ["run", str(project), *args])
+        assert r.exit_code == 2, (args, r.output)
+        assert message in " ".join(r.output.split()), (args, r.output)
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+
+
+def test_failing_step(base, env, tmp_path):
+    spec_path = copy_project(tmp_path)
+    boom = nbformat.v4.new_notebook()
+    boom.metadata.kernelspec = {"name": "python3", "display_name": "python3", "language": "python"}
+    boom.cells = [nbformat.v4.new_code_cell("model = 'x'\nmodel_params = {}\ninputs = {}\noutput_dir = '.'", metadata={"tags": ["parameters"]}),
+                  nbformat.v4.new_code_cell("x = 1"),
+                  nbformat.v4.new_code_cell("if model == 'ridge': raise ValueError('ridge exploded')\nopen(f'{output_dir}/ok.txt', 'w').write('ok')")]
+    nbformat.write(boom, str(tmp_path/"nbs/steps/boom.ipynb"))
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["steps"].insert(3, {"name": "boom", "notebook": "nbs/steps/boom.ipynb", "foreach": "models", "inputs": ["features"], "outputs": ["ok.txt"]})
+    spec_path.write_text(yaml.safe_dump(spec))
+    r = cd4ml("run", spec_path, *TINY, "-p", "models=ridge,moving_average", "-j", "1", env=env)
+    assert r.returncode == 1, r.stderr
+    msg = " ".join(r.stderr.split())
+    assert "step 'boom:ridge' failed in" in msg and "boom.ipynb, cell 2" in msg and "ValueError: ridge exploded" in msg, msg
+    failed = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'FAILED'", output_format="list")
+    parent = next(f for f in failed if "mlflow.parentRunId" not in f.data.tags)
+    child = next(f for f in failed if f.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert child.data.params["model"] == "ridge"
+    partial = nbformat.read(str(Path(env["CD4ML_HOME"])/"runs"/parent.info.run_id/"boom-ridge.ipynb"), as_version=4)
+    assert any(o.get("ename") == "ValueError" for c in partial.cells for o in c.get("outputs", []))
+    assert "notebooks/boom-ridge.ipynb" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "notebooks")}
+
+
+def test_reproduce(base, env):
+    r = cd4ml("reproduce", base["parent_run_id"], "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["match"] and out["problems"] == [] and out["dataset"] == base["dataset"]
+    assert len(out["metrics"]) >= 4 * len(MODELS) and all(m["match"] for m in out["metrics"])
+    assert mlflow.get_run(out["reproduced_run_id"]).data.tags["cd4ml.reproduces"] == base["parent_run_id"]
+
+
+def test_reproduce_detects_metric_code_and_data_changes(base, env, tmp_path):
+    spec = copy_project(tmp_path)
+    small = run_json(spec, "-p", "models=moving_average", env=env)
+    # tamper with a recorded metric: reproduce says which one differs
+    ma = small["candidates"][0]
+    mlflow.MlflowClient().log_metric(ma["run_id"], "rmse", 123.0)
+    r = cd4ml("reproduce", small["parent_run_id"], "--json", env=env)
+    assert r.returncode == 1
+    problems = json.loads(r.stdout)["problems"]
+    assert problems == [f"metric differs: moving_average rmse 123.0 → {ma['metrics']['rmse']!r}"], problems
+    # change a step notebook: reproduce names it
+    nb = nbformat.read(str(tmp_path/"nbs/steps/evaluate.ipynb"), as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("print('changed')"))
+    nbformat.write(nb, str(tmp_path/"nbs/steps/evaluate.ipynb"))
+    r = cd4ml("reproduce", small["parent_run_id"], "--json", env=env)
+    assert r.returncode == 1
+    assert any("step notebook 'evaluate'" in p for p in json.loads(r.stdout)["problems"])
+    # the pinned dataset is gone: reproduce refuses before running
+    pinned = run_json(spec, "-p", f"dataset={base['dataset']}", "-p", "models=moving_average", env=env)
+    shutil.rmtree(Path(env["CD4ML_HOME"])/"data"/base["dataset"])
+    r = cd4ml("reproduce", pinned["parent_run_id"], env=env)
+    assert r.returncode == 2 and f"dataset version {base['dataset']}" in r.stderr and "missing" in r.stderr, r.stderr
