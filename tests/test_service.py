@@ -1,0 +1,174 @@
+"""End to end: `cd4ml serve` on a real registry, over HTTP on a loopback port.
+
+One server runs the champion (v1) with the challenger (v2) in shadow *and* on a 30 % canary, so every test
+below also checks routing: each row must equal the offline prediction of the version that answered it.
+"""
+import os, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _serving_helpers import as_json_rows, build_registry, request_rows, running_server
+
+CANARY = 30
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    home = tmp_path_factory.mktemp("serve")/"cd4ml-home"
+    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
+    try:
+        reg = build_registry(home)
+        with running_server(home, env={"CD4ML_SHADOW": "1", "CD4ML_CANARY_PERCENT": str(CANARY)}) as base:
+            yield {**reg, "home": home, "base": base}
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def offline(served, version, rows):
+    "What training/evaluation code computes for `rows` with model `version`."
+    from cd4ml import features, models
+    ds = served["dataset"]
+    return models.predict(served["models"][version], features.features_for(ds, rows, pd.Timestamp(ds.meta["end"])))
+
+def post(base, rows, **kw):
+    return httpx.post(f"{base}/predict", json={"rows": rows}, timeout=60, **kw)
+
+def test_served_equals_offline_over_1200_rows(served):
+    from cd4ml.serving import route
+    rows = request_rows(served["dataset"], 1200)
+    assert rows.store_nbr.nunique() == 4 and rows.item_nbr.nunique() == 30 and rows.date.nunique() == 16
+    assert 0.2 < rows.onpromotion.mean() < 0.4
+    sizes = [1, 2, 7, 40, 150, 400, 600]                     # requests of many sizes, sent concurrently
+    bounds = np.cumsum([0] + sizes); assert bounds[-1] == 1200
+    chunks = [rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda c: post(served["base"], as_json_rows(c)), chunks))
+    assert [r.status_code for r in responses] == [200] * len(chunks)
+    bodies = [r.json() for r in responses]
+    got = np.concatenate([b["predictions"] for b in bodies])
+    versions = np.concatenate([b["model_versions"] for b in bodies])
+    to_challenger = route(rows, CANARY)
+    np.testing.assert_array_equal(versions, np.where(to_challenger, "2", "1"))
+    assert 0.15 < to_challenger.mean() < 0.45
+    expected = np.where(to_challenger, offline(served, "2", rows), offline(served, "1", rows))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    assert got.std() > 0.5 and (got >= 0).all()
+    assert len({b["request_id"] for b in bodies}) == len(bodies)
+    assert bodies[0]["model_version"] == bodies[0]["model_versions"][0]          # a 1-row request names its version
+    assert bodies[-1]["model_version"] == "mixed"
+
+def test_canary_is_sticky_per_store_item(served):
+    rows = request_rows(served["dataset"], 200, seed=5)
+    first = post(served["base"], as_json_rows(rows)).json()["model_versions"]
+    again = post(served["base"], as_json_rows(rows.iloc[::-1])).json()["model_versions"]
+    assert first == again[::-1]
+    by_pair = pd.DataFrame({"pair": rows.store_nbr * 1000 + rows.item_nbr, "v": first}).groupby("pair").v.nunique()
+    assert (by_pair == 1).all()
+
+def test_embedded_predict_matches_the_service(served):
+    from cd4ml import serving
+    rows = request_rows(served["dataset"], 300, seed=9)
+    np.testing.assert_allclose(serving.predict(rows), offline(served, "1", rows), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(serving.predict(as_json_rows(rows), model_version=2), offline(served, "2", rows), rtol=0, atol=1e-9)
+
+def test_prediction_log_has_every_request_with_shadow(served):
+    from cd4ml.serving import read_log
+    rows = request_rows(served["dataset"], 25, seed=3)
+    body = post(served["base"], as_json_rows(rows)).json()
+    logged = {r["request_id"]: r for r in read_log(served["home"]/"predictions")}
+    rec = logged[body["request_id"]]
+    assert rec["predictions"] == body["predictions"] and rec["model_versions"] == body["model_versions"]
+    assert rec["rows"]["date"] == [d.date().isoformat() for d in rows.date]
+    assert rec["rows"]["item_nbr"] == rows.item_nbr.tolist() and rec["rows"]["onpromotion"] == rows.onpromotion.tolist()
+    assert rec["shadow"]["model_version"] == "2"
+    np.testing.assert_allclose(rec["shadow"]["predictions"], offline(served, "2", rows), rtol=0, atol=1e-9)
+    assert 0 < rec["latency_ms"] < 60_000 and rec["time"].startswith("20")
+
+BAD = [  # (body or raw bytes, expected status, text the message must contain)
+    ({"rows": []}, 400, "rows is empty"),
+    ({}, 400, "rows"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100}]}, 400, "rows[0].onpromotion is missing"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False, "price": 3}]}, 400, "rows[0].price"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": "1", "item_nbr": 100, "onpromotion": False}]}, 400, "rows[0].store_nbr must be an integer from 0 to 2147483647; got '1'"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": "yes"}]}, 400, "rows[0].onpromotion must be true or false; got 'yes'"),
+    ({"rows": [{"date": "May 3", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}]}, 400, "rows[0].date must be a date 'YYYY-MM-DD'; got 'May 3'"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 77, "item_nbr": 100, "onpromotion": False}]}, 422, "unknown store 77"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 5, "onpromotion": False}]}, 422, "unknown item 5"),
+    ({"rows": [{"date": "2017-04-30", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}]}, 422, "rows[0].date 2017-04-30 is outside"),
+    ({"rows": [{"date": "2017-05-17", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}]}, 422, "max_horizon 16"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}] * 1001}, 400, "1001 rows; at most 1000"),
+    ([{"date": "2017-05-03"}], 400, "validation error"),
+    (b"{not json", 400, "validation error"),
+    (b'{"rows": [' + b'{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": false},' * 20000 + b"]}", 413, "over the limit"),
+]
+
+@pytest.mark.parametrize("body,status,text", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input_is_a_4xx_naming_field_and_value(served, body, status, text):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{served['base']}/predict", timeout=60, **kw)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert text in r.text, r.text
+
+def test_web_json_endpoints_and_bentoml_extras(served):
+    base = served["base"]
+    assert httpx.get(f"{base}/livez").status_code == 200 and httpx.get(f"{base}/readyz").status_code == 200
+    cat = httpx.get(f"{base}/catalog").json()
+    assert (cat["history_end"], cat["first_date"], cat["last_date"], cat["max_horizon"]) == ("2017-04-30", "2017-05-01", "2017-05-16", 16)
+    assert len(cat["stores"]) == 4 and len(cat["items"]) == 30 and cat["items"][1] == {"item_nbr": 101, "family": "DAIRY"}
+    h = httpx.get(f"{base}/history", params={"store_nbr": 2, "item_nbr": 104, "onpromotion": "true"}).json()
+    sales = served["dataset"].sales
+    actual = sales[(sales.store_nbr == 2) & (sales.item_nbr == 104) & (sales.date == "2017-04-30")].unit_sales.sum()
+    assert len(h["actual"]) == 56 and h["actual"][-1] == {"date": "2017-04-30", "unit_sales": actual}
+    rows = pd.DataFrame({"date": pd.date_range("2017-05-01", periods=16), "store_nbr": 2, "item_nbr": 104, "onpromotion": True})
+    np.testing.assert_allclose([f["prediction"] for f in h["forecast"]], offline(served, "1", rows), rtol=0, atol=1e-9)
+    bad = httpx.get(f"{base}/history", params={"store_nbr": 2, "item_nbr": 9})
+    assert bad.status_code == 422 and bad.json()["field"] == "item_nbr" and bad.json()["value"] == 9
+    info = httpx.get(f"{base}/info").json()
+    assert info["champion"]["version"] == "1" and info["challenger"]["version"] == "2"
+    assert info["champion"]["dataset_version"] == served["dataset"].version and info["config"]["shadow"] is True
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'endpoint="/predict"' in metrics and "bentoml_service_request" in metrics
+    counted = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("cd4ml_predicted_rows_total{")}
+    assert counted['model_version="1",role="answer"'] > 0 and counted['model_version="2",role="answer"'] > 0
+    assert counted['model_version="2",role="shadow"'] == counted['model_version="1",role="answer"'] + counted['model_version="2",role="answer"']
+    paths = httpx.get(f"{base}/docs.json").json()["paths"]
+    assert "/predict" in paths and "requestBody" in paths["/predict"]["post"]
+    assert "<svg" in httpx.get(f"{base}/").text and httpx.get(f"{base}/static/app.js").status_code == 200
+
+def test_fuzzing_the_openapi_finds_no_5xx(served):
+    out = subprocess.run([str(Path(sys.executable).parent/"schemathesis"), "run", f"{served['base']}/docs.json",
+                          "--checks", "not_a_server_error", "--max-examples", "30", "--phases", "examples,coverage,fuzzing",
+                          "--seed", "1", "--workers", "2", "--include-path", "/predict"],
+                         capture_output=True, text=True, timeout=300, cwd=served["home"])   # its .schemathesis cache too
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "/predict" in out.stdout
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "text/plain", "application/vnd.bentoml+pickle"])
+def test_non_json_body_is_a_415(served, content_type):
+    r = httpx.post(f"{served['base']}/predict", content=b'{"rows": []}', headers={"content-type": content_type}, timeout=30)
+    assert r.status_code == 415 and r.json()["value"] == content_type, r.text
+
+def test_bento_build_and_serve_behave_the_same(served):
+    "`cd4ml bento` (import the champion, `bentoml build`), then `bentoml serve TAG`: same answers, Dockerfile inside."
+    from cd4ml.cli_serve import build_bento
+    from _serving_helpers import BIN, ROOT
+    facts = build_bento(ROOT)
+    assert facts["version"] == "1" and facts["dataset_version"] == served["dataset"].version
+    bento_dir = served["home"]/"bentoml"/"bentos"/"cd4ml-forecast"/facts["bento"].split(":")[1]
+    assert (bento_dir/"env"/"docker"/"Dockerfile").exists() and (bento_dir/"src"/"cd4ml"/"static"/"app.js").exists()
+    rows = request_rows(served["dataset"], 60, seed=21)
+    serve = lambda port: [str(BIN/"bentoml"), "serve", facts["bento"], "--host", "127.0.0.1", "--port", str(port)]
+    with running_server(served["home"], env={"BENTOML_HOME": str(served["home"]/"bentoml")}, command=serve, timeout=240) as base:
+        assert httpx.get(f"{base}/info").json()["source"] == "bento"
+        body = post(base, as_json_rows(rows)).json()
+        assert body["model_versions"] == ["1"] * 60
+        np.testing.assert_allclose(body["predictions"], offline(served, "1", rows), rtol=0, atol=1e-9)
+        assert post(base, [{"date": "2017-05-03", "store_nbr": 77, "item_nbr": 100, "onpromotion": False}]).status_code == 422

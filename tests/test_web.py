@@ -1,0 +1,82 @@
+"""The web page in a real headless Chromium (Debian's, driven by playwright; never `playwright install`):
+choose a store and a product, a date and promotion, submit, see the predicted units and a chart;
+a bad choice shows a clear message."""
+import os, sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _serving_helpers import build_registry, running_server
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("web")/"cd4ml-home"
+    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
+    try:
+        reg = build_registry(home)
+        with running_server(home) as base:
+            yield {**reg, "home": home, "base": base}
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+@pytest.fixture(scope="module")
+def browser(system_binary):
+    path = system_binary("chromium")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+def test_forecast_from_the_page(page_server, browser):
+    from cd4ml import features, models
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(page_server["base"] + "/")
+    page.wait_for_function("document.querySelectorAll('#items option').length == 30")
+    assert "model version 1" in page.text_content("#model")
+    options = page.eval_on_selector_all("#stores option", "os => os.map(o => o.value)")
+    assert options[2] == "3 — Cuenca (type C)"
+    item = page.eval_on_selector_all("#items option", "os => os.map(o => o.value)")[7]
+    assert item == "107 — BREAD/BAKERY"                                # the family is shown
+    page.fill("#store", options[2]); page.fill("#item", item); page.fill("#date", "2017-05-04")
+    page.check("#promo")
+    page.click("#go")
+    page.wait_for_selector("#chart rect.target")
+    shown = float(page.text_content("#units"))
+    ds = page_server["dataset"]
+    row = pd.DataFrame({"date": pd.to_datetime(["2017-05-04"]), "store_nbr": [3], "item_nbr": [107], "onpromotion": [True]})
+    expected = models.predict(page_server["models"]["1"], features.features_for(ds, row, pd.Timestamp(ds.meta["end"])))[0]
+    assert shown == pytest.approx(round(expected, 1), abs=0.051)
+    assert "store 3, item 107 on 2017-05-04 (on promotion)" in page.text_content("#what")
+    assert page.eval_on_selector_all("#chart rect.actual", "rs => rs.length") == 56
+    assert page.eval_on_selector_all("#chart rect.forecast, #chart rect.target", "rs => rs.length") == 16
+    assert page.get_attribute("#chart rect.target", "data-date") == "2017-05-04"
+    assert page.is_hidden("#message") and not errors
+
+def test_bad_choices_show_a_message(page_server, browser):
+    page = browser.new_page()
+    page.goto(page_server["base"] + "/")
+    page.wait_for_function("document.querySelectorAll('#items option').length == 30")
+    page.fill("#store", "99 — nowhere"); page.fill("#item", "100"); page.click("#go")
+    assert 'Unknown store "99 — nowhere"' in page.text_content("#message") and page.is_hidden("#answer")
+    page.fill("#store", "1"); page.fill("#item", "pasta"); page.click("#go")
+    assert 'Unknown product "pasta"' in page.text_content("#message")
+    page.fill("#item", "100"); page.fill("#date", "2017-06-30")
+    page.click("#go")
+    assert "outside 2017-05-01 … 2017-05-16" in page.text_content("#message") and page.is_hidden("#answer")
+    page.fill("#date", "2017-05-02"); page.click("#go")
+    page.wait_for_selector("#answer:not([hidden])")
+    assert float(page.text_content("#units")) >= 0 and page.is_hidden("#message")
+    page.wait_for_selector("#chart-box:not([hidden])")
+    page.fill("#item", "0"); page.click("#go")
+    assert 'Unknown product "0"' in page.text_content("#message")
+    assert page.is_hidden("#answer") and page.is_hidden("#chart-box")   # no stale answer or chart beside the message
