@@ -61,6 +61,8 @@ def test_forecast_from_the_page(page_server, browser):
     assert page.eval_on_selector_all("#chart rect.forecast, #chart rect.target", "rs => rs.length") == 16
     assert page.get_attribute("#chart rect.target", "data-date") == "2017-05-04"
     assert page.is_hidden("#message") and not errors
+    if os.environ.get("CD4ML_SCREENSHOTS"):                           # opt-in: look at the page as a person would
+        page.screenshot(path=str(Path(os.environ["CD4ML_SCREENSHOTS"])/"forecast-page.png"), full_page=True)
 
 def test_bad_choices_show_a_message(page_server, browser):
     page = browser.new_page()
