@@ -14,7 +14,7 @@ from .console import cli_errors, emit, kv_table, records_table
 # %% auto #0
 __all__ = ['JSON_OPT', 'JOBS_OPT', 'summary_tables', 'run', 'reproduce']
 
-# %% ../nbs/22_cli_run.ipynb #26a9b8db
+# %% ../nbs/22_cli_run.ipynb #a68762b5
 JSON_OPT = typer.Option(False, "--json", help="Print JSON on stdout instead of tables.")
 JOBS_OPT = typer.Option(None, "-j", "--jobs", min=1, help="Candidates trained in parallel (default: CPU count).")
 
@@ -34,7 +34,14 @@ def summary_tables(result: dict) -> list:
              "best nwrmsle": (result.get("best") or {}).get("metrics", {}).get("nwrmsle"),
              **{f"{b} nwrmsle": v for b, v in result["baselines"].items()},
              "oracle nwrmsle": result["oracle_nwrmsle"], "notebooks": result["run_dir"]}
-    return [steps, cands, kv_table(facts, title="best vs baselines vs oracle")]
+    tables = [steps, cands, kv_table(facts, title="best vs baselines vs oracle")]
+    if result.get("gates"):
+        gated, registered = result.get("gated") or {}, result.get("registered")
+        verdict = (f"registered as {registered['name']} version {registered['version']} ({', '.join(registered['aliases']) or 'no alias'})"
+                   if registered else "not registered")
+        tables.append(records_table(result["gates"], ["gate", "value", "threshold", "result"],
+                                    title=f"gates: candidate {gated.get('model')} vs champion {gated.get('champion') or 'none'}: {verdict}"))
+    return tables
 
 @cli_errors
 def run(spec: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline spec."),
@@ -43,10 +50,11 @@ def run(spec: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline sp
         jobs: int = JOBS_OPT, as_json: bool = JSON_OPT):
     "Run the pipeline: step notebooks executed by papermill, cached, tracked in MLflow."
     _fast_notebook_imports()
-    from cd4ml.pipeline import apply_overrides, load_spec, run_tracked, up_to_date
+    from cd4ml.pipeline import apply_overrides, check_gates, load_spec, run_tracked, up_to_date
     resolved = apply_overrides(load_spec(spec), param)
     result = (not force and up_to_date(resolved)) or run_tracked(resolved, force=force, jobs=jobs, quiet=as_json)
     emit(result, as_json, *summary_tables(result))
+    check_gates(result)
 
 @cli_errors
 def reproduce(run_id: str = typer.Argument(..., help="The parent run id printed by `cd4ml run`."),

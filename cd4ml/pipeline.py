@@ -19,10 +19,10 @@ __all__ = ['ENGINES', 'WARM_UP', 'THREAD_VARS', 'TOLERANCE', 'Step', 'Spec', 'sp
            'apply_overrides', 'check', 'notebook_hash', 'imported_modules', 'library_hash', 'notebook_code',
            'cache_key', 'Kernel', 'register_engine', 'KernelPool', 'StepFailed', 'Execution', 'cache_root',
            'cached_manifest', 'nbformat_read', 'execute', 'plan', 'code_hashes', 'run_pipeline', 'step_outputs',
-           'flatten', 'run_tracked', 'run_key', 'up_to_date', 'summary', 'recorded_run', 'code_differences',
-           'metric_differences', 'reproduce']
+           'flatten', 'notebook_parameters', 'run_tracked', 'run_key', 'up_to_date', 'summary', 'failed_gates',
+           'check_gates', 'recorded_run', 'code_differences', 'metric_differences', 'reproduce']
 
-# %% ../nbs/21_pipeline.ipynb #b2668afc
+# %% ../nbs/21_pipeline.ipynb #a16489f2
 ENGINES = {"pandas": True, "dask": False}   # engine → available yet
 
 @dataclass
@@ -34,30 +34,37 @@ class Step:
     inputs: list = field(default_factory=list)   # names of earlier steps whose outputs it reads
     outputs: list = field(default_factory=list)  # files it must write into `output_dir`
     foreach: str | None = None     # 'models': one execution per candidate model
+    cache: bool = True             # False: always run (steps that read or write outside state, like the model registry)
 
 @dataclass
 class Spec:
-    "A resolved pipeline: where it lives, its params, candidate models and steps."
+    "A resolved pipeline: where it lives, its params, candidate models, steps and acceptance thresholds."
     path: Path
     params: dict
     models: dict
     steps: list
+    acceptance: dict = field(default_factory=dict)   # the `acceptance:` block, completed from `cd4ml.gates.ACCEPTANCE_DEFAULTS`
 
     @property
     def root(self) -> Path: return self.path.parent
     def notebook(self, step: Step) -> Path: return self.root/step.notebook
     def to_dict(self) -> dict:
-        return {"params": self.params, "models": self.models, "steps": [asdict(s) for s in self.steps]}
+        return {"params": self.params, "models": self.models, "steps": [asdict(s) for s in self.steps],
+                **({"acceptance": self.acceptance} if self.acceptance else {})}
+    def step_params(self, step: Step) -> dict:
+        "The values of the params `step` names (`acceptance` names the whole acceptance block)."
+        return {p: self.acceptance if p == "acceptance" else self.params[p] for p in step.params}
 
-# %% ../nbs/21_pipeline.ipynb #292404f5
+# %% ../nbs/21_pipeline.ipynb #8e3c7678
 def _spec_error(path, msg): return Cd4mlError(f"{path}: {msg}")
 
 def spec_from_dict(raw: dict, path: Path | str) -> Spec:
     "Validate a parsed spec (`raw`, read from `path`) and build a `Spec`."
     path = Path(path).absolute()
     if not isinstance(raw, dict): raise _spec_error(path, "a pipeline spec is a mapping with params, models, steps")
-    unknown = set(raw) - {"params", "models", "steps"}
-    if unknown: raise _spec_error(path, f"unknown top-level key(s) {sorted(unknown)}; expected params, models, steps")
+    unknown = set(raw) - {"params", "models", "steps", "acceptance"}
+    if unknown: raise _spec_error(path, f"unknown top-level key(s) {sorted(unknown)}; expected params, models, steps, acceptance")
+    acceptance = _acceptance(raw.get("acceptance"), f"{path}: acceptance") if "acceptance" in raw else {}
     params, models = dict(raw.get("params") or {}), {k: dict(v or {}) for k, v in (raw.get("models") or {}).items()}
     steps, seen = [], []
     for i, s in enumerate(raw.get("steps") or []):
@@ -69,15 +76,24 @@ def spec_from_dict(raw: dict, path: Path | str) -> Spec:
         step = Step(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in s.items()})
         if step.name in seen: raise _spec_error(path, f"{where}: step name '{step.name}' is used twice")
         if step.foreach not in (None, "models"): raise _spec_error(path, f"{where} ('{step.name}'): foreach must be 'models', got '{step.foreach}'")
+        if not isinstance(step.cache, bool): raise _spec_error(path, f"{where} ('{step.name}'): cache must be true or false, got {step.cache!r}")
         for p in step.params:
-            if p not in params: raise _spec_error(path, f"{where} ('{step.name}'): param '{p}' is not declared under params")
+            if p not in params and not (p == "acceptance" and acceptance):
+                raise _spec_error(path, f"{where} ('{step.name}'): param '{p}' is not declared under params")
         for inp in step.inputs:
             if inp not in seen: raise _spec_error(path, f"{where} ('{step.name}'): input '{inp}' is not an earlier step; earlier: {seen}")
         if not (path.parent/step.notebook).exists(): raise _spec_error(path, f"{where} ('{step.name}'): notebook {step.notebook} not found")
         steps.append(step); seen.append(step.name)
     if not steps: raise _spec_error(path, "no steps")
     if any(s.foreach == "models" for s in steps) and not models: raise _spec_error(path, "a step runs foreach: models but no models are declared")
-    return Spec(path, params, models, steps)
+    return Spec(path, params, models, steps, acceptance)
+
+def _acceptance(block, where: str) -> dict:
+    "The acceptance block checked and completed by `cd4ml.gates.acceptance_config`."
+    from cd4ml.gates import acceptance_config
+    if block is None: block = {}
+    if not isinstance(block, dict): raise Cd4mlError(f"{where}: expected a mapping of thresholds, got {block!r}")
+    return acceptance_config(block, where)
 
 def load_spec(path: Path | str = "pipeline.yaml") -> Spec:
     "Read and validate the pipeline spec at `path`."
@@ -90,7 +106,7 @@ def load_spec(path: Path | str = "pipeline.yaml") -> Spec:
         raise Cd4mlError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}")
     return spec_from_dict(raw, path)
 
-# %% ../nbs/21_pipeline.ipynb #5fe266f3
+# %% ../nbs/21_pipeline.ipynb #263be12e
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b=1'` → `(['a', 'b'], 1)`; the value is parsed as a YAML scalar."
     key, sep, value = text.partition("=")
@@ -109,7 +125,7 @@ def apply_overrides(spec: Spec,              # the spec as loaded
                     catalog: dict | None = None, # model name → default params (default: `cd4ml.models.CANDIDATES`)
                    ) -> Spec:
     "A copy of `spec` with `-p` overrides applied and every param, model and engine checked."
-    params, models = copy.deepcopy(spec.params), copy.deepcopy(spec.models)
+    params, models, acceptance = copy.deepcopy(spec.params), copy.deepcopy(spec.models), dict(spec.acceptance)
     for text in overrides:
         keys, value = parse_override(text)
         if keys == ["models"]:
@@ -121,6 +137,12 @@ def apply_overrides(spec: Spec,              # the spec as loaded
             if len(keys) != 3: raise Cd4mlError(f"-p {text}: model params are set as models.<model>.<param>=value")
             if keys[1] not in models: raise Cd4mlError(f"-p {text}: unknown model '{keys[1]}'; known: {sorted(models)}")
             models[keys[1]][keys[2]] = value
+        elif keys[0] == "acceptance":
+            if not spec.acceptance: raise Cd4mlError(f"-p {text}: {spec.path.name} has no acceptance block")
+            if len(keys) != 2 or keys[1] not in spec.acceptance:
+                raise Cd4mlError(f"-p {text}: unknown acceptance key '{'.'.join(keys[1:])}'; known: {sorted(spec.acceptance)}")
+            acceptance[keys[1]] = value
+            _acceptance(acceptance, f"-p {text}")
         else:
             node = params
             for i, k in enumerate(keys):
@@ -129,7 +151,7 @@ def apply_overrides(spec: Spec,              # the spec as loaded
                     raise Cd4mlError(f"-p {text}: unknown parameter '{'.'.join(keys[:i+1])}'; known: {known}")
                 if i < len(keys) - 1: node = node[k]
                 else: node[k] = value
-    return check(Spec(spec.path, params, models, spec.steps), catalog)
+    return check(Spec(spec.path, params, models, spec.steps, acceptance), catalog)
 
 def check(spec: Spec, catalog: dict | None = None) -> Spec:
     "`spec` with model params completed from the library defaults; raises on unknown models, params or engines."
@@ -143,9 +165,9 @@ def check(spec: Spec, catalog: dict | None = None) -> Spec:
         bad = sorted(set(params) - set(known[name]))
         if bad: raise Cd4mlError(f"model '{name}': unknown parameter(s) {bad}; known: {sorted(known[name])}")
         models[name] = {**known[name], **params}
-    return Spec(spec.path, spec.params, models, spec.steps)
+    return Spec(spec.path, spec.params, models, spec.steps, spec.acceptance)
 
-# %% ../nbs/21_pipeline.ipynb #60fd484b
+# %% ../nbs/21_pipeline.ipynb #adbc4202
 def notebook_hash(path: Path | str) -> str:
     "Hash of a notebook's cells (type, tags, source), ignoring outputs and metadata."
     nb = json.loads(Path(path).read_text())
@@ -185,7 +207,7 @@ def cache_key(notebook: str, library: str, packages: str, params: dict, inputs: 
     return hash_json({"notebook": notebook, "library": library, "packages": packages,
                       "params": params, "inputs": inputs})[:24]
 
-# %% ../nbs/21_pipeline.ipynb #0f699359
+# %% ../nbs/21_pipeline.ipynb #f69c5ae9
 _RESET = """get_ipython().run_line_magic('reset', '-f')
 import sys as _sys
 if 'matplotlib.pyplot' in _sys.modules: _sys.modules['matplotlib.pyplot'].close('all')
@@ -240,7 +262,7 @@ def register_engine():
             return client.execute()
     papermill_engines.register("cd4ml", WarmKernelEngine)
 
-# %% ../nbs/21_pipeline.ipynb #aee524d0
+# %% ../nbs/21_pipeline.ipynb #030b5a65
 class KernelPool:
     "Up to `size` worker threads, each with its own warm kernel; `submit(fn)` runs `fn(kernel)` on one."
     def __init__(self, size: int, cwd: Path | str, log_dir: Path | str | None = None, warm_up: str = WARM_UP):
@@ -285,7 +307,7 @@ class KernelPool:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../nbs/21_pipeline.ipynb #d6ff8005
+# %% ../nbs/21_pipeline.ipynb #7dc46a47
 class StepFailed(Cd4mlError):
     "A step notebook failed: names the notebook, the cell and the error."
     exit_code = 1
@@ -329,8 +351,8 @@ def nbformat_read(path):
     import nbformat
     return nbformat.read(str(path), as_version=4)
 
-def execute(ex: Execution, kernel: Kernel, run_dir: Path) -> dict:
-    "Run `ex` in `kernel`, store its outputs in the cache; returns its manifest."
+def execute(ex: Execution, kernel: Kernel, run_dir: Path, runtime: dict | None = None) -> dict:
+    "Run `ex` in `kernel` (with `runtime` params, not part of its key), store its outputs in the cache; returns its manifest."
     import papermill as pm
     register_engine()
     executed = run_dir/f"{ex.name.replace(':', '-')}.ipynb"
@@ -338,7 +360,7 @@ def execute(ex: Execution, kernel: Kernel, run_dir: Path) -> dict:
     with atomic_dir(cache_root()/ex.key, replace=True) as out:
         try:
             pm.execute_notebook(str(ex.notebook), str(executed), engine_name="cd4ml", kernel=kernel, progress_bar=False,
-                                parameters={**ex.params, "inputs": ex.inputs, "output_dir": str(out)})
+                                parameters={**ex.params, **(runtime or {}), "inputs": ex.inputs, "output_dir": str(out)})
             missing = [f for f in ex.step.outputs if not (out/f).exists()]
             if missing: raise Cd4mlError(f"it did not write declared output(s) {missing}")
         except Exception as e: raise _failure(ex, e, executed) from e
@@ -350,14 +372,14 @@ def execute(ex: Execution, kernel: Kernel, run_dir: Path) -> dict:
         write_json(out/"_manifest.json", manifest)
     return manifest
 
-# %% ../nbs/21_pipeline.ipynb #60eb148f
+# %% ../nbs/21_pipeline.ipynb #0ce31608
 def plan(spec: Spec, step: Step, done: dict, hashes: dict) -> list[Execution]:
     "The executions of `step`, given the manifests of the steps `done` so far (model → manifest for fan-outs)."
     fanout = {s.name for s in spec.steps if s.foreach}
     def each(name, fn): return {m: fn(mm) for m, mm in done[name].items()} if name in fanout else fn(done[name])
     inputs = {i: each(i, lambda m: str(cache_root()/m["key"])) for i in step.inputs}
     input_hashes = {i: each(i, lambda m: m["content"]) for i in step.inputs}
-    params = {p: spec.params[p] for p in step.params}
+    params = spec.step_params(step)
     nb = spec.notebook(step)
     runs = [(None, params)] if step.foreach is None else \
            [(m, {**params, "model": m, "model_params": mp}) for m, mp in spec.models.items()]
@@ -383,18 +405,19 @@ def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
                  on_done=None,        # called with (execution, manifest, cached) after each execution
                  hashes: dict | None = None, # `code_hashes(spec)`, if already computed
                  pool: KernelPool | None = None, # kernels to use (default: a pool of `jobs` kernels)
+                 runtime=None,        # called with (execution) → extra params for it, not part of its cache key
                 ) -> list[dict]:
     "Run `spec`'s steps in order, reusing cached executions; returns one record per execution."
     hashes = hashes or code_hashes(spec)
     if pool is None:
         with KernelPool(jobs or os.cpu_count() or 1, spec.root, workspace("logs")) as pool:
-            return run_pipeline(spec, run_dir, force, jobs, on_start, on_done, hashes, pool)
+            return run_pipeline(spec, run_dir, force, jobs, on_start, on_done, hashes, pool, runtime)
     done, records = {}, []
     for step in spec.steps:
         executions = plan(spec, step, done, hashes)
         todo, results = [], {}
         for ex in executions:
-            manifest = None if force else cached_manifest(ex.key)
+            manifest = None if force or not step.cache else cached_manifest(ex.key)
             if manifest:
                 shutil.copyfile(cache_root()/ex.key/"_executed.ipynb", run_dir/f"{ex.name.replace(':', '-')}.ipynb")
                 results[ex.name] = (manifest, True, 0.0)
@@ -403,7 +426,8 @@ def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
         futures = {}
         for ex in todo:
             if on_start: on_start(ex)
-            futures[pool.submit(lambda k, ex=ex: execute(ex, k, run_dir), parallel=len(todo))] = ex
+            extra = runtime(ex) if runtime else None
+            futures[pool.submit(lambda k, ex=ex, extra=extra: execute(ex, k, run_dir, extra), parallel=len(todo))] = ex
         failure = None
         for fut in as_completed(futures):
             ex = futures[fut]
@@ -428,7 +452,7 @@ def step_outputs(records: list[dict], name: str) -> Path:
     "The cache folder holding execution `name`'s outputs."
     return cache_root()/next(r["key"] for r in records if r["name"] == name)
 
-# %% ../nbs/21_pipeline.ipynb #3916f904
+# %% ../nbs/21_pipeline.ipynb #42a076aa
 def flatten(d: dict, prefix: str = "") -> dict:
     "`{'a': {'b': 1}}` → `{'a.b': 1}`."
     out = {}
@@ -444,7 +468,7 @@ class _Tracker:
     "MLflow logging for one pipeline run; every call happens in the main thread."
     def __init__(self, spec: Spec, run_dir: Path, hashes: dict):
         self.spec, self.run_dir, self.hashes = spec, run_dir, hashes
-        self.dataset, self.candidates, self.evaluation = None, {}, None
+        self.dataset, self.candidates, self.evaluation, self.gates, self.registered = None, {}, None, None, None
 
     def done(self, ex: Execution, manifest: dict | None, cached: bool):
         import mlflow
@@ -462,6 +486,20 @@ class _Tracker:
         if ex.model: self._candidate(ex, out, cached, executed)
         elif (out/"metrics.json").exists(): mlflow.log_metrics(_read_json(out/"metrics.json"))
         if (out/"evaluation.json").exists(): self.evaluation = _read_json(out/"evaluation.json")
+        if (out/"gates.json").exists():
+            self.gates = _read_json(out/"gates.json")
+            mlflow.log_artifact(str(out/"gates.json"), "gates")
+            mlflow.set_tags({"cd4ml.gated_model": self.gates["model"], "cd4ml.gates_passed": str(self.gates["passed"]).lower()})
+        if (out/"registered.json").exists():
+            self.registered = _read_json(out/"registered.json")
+            if self.registered: mlflow.set_tag("cd4ml.registered_version", f"{self.registered['name']}/{self.registered['version']}")
+
+    def runtime(self, ex: Execution, parent_run_id: str) -> dict:
+        "The run-specific params `ex`'s notebook declares: `candidates` and `parent_run_id`."
+        values = {"candidates": {m: {"run_id": c["run_id"], "model_uri": c["model_uri"]} for m, c in self.candidates.items()},
+                  "parent_run_id": parent_run_id}
+        declared = notebook_parameters(ex.notebook)
+        return {k: v for k, v in values.items() if k in declared}
 
     def _candidate(self, ex: Execution, out: Path | None, cached: bool, executed: Path):
         import mlflow
@@ -485,6 +523,14 @@ class _Tracker:
             if model_uri: mlflow.set_tag("cd4ml.model_uri", model_uri)
         self.candidates[ex.model] = {"run_id": run.info.run_id, "model": ex.model, "metrics": metrics,
                                      "cached": cached, "model_uri": model_uri}
+
+def notebook_parameters(path: Path | str) -> set[str]:
+    "Names assigned in a notebook's `parameters` cell."
+    import ast
+    cells = json.loads(Path(path).read_text())["cells"]
+    code = next(("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+    return {t.id for node in ast.parse(code).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
 
 def run_tracked(spec: Spec,               # resolved spec (see `apply_overrides`)
                 force: bool = False,      # rerun every step, ignoring the cache
@@ -516,11 +562,13 @@ def run_tracked(spec: Spec,               # resolved spec (see `apply_overrides`
             def on_done(ex, manifest, cached):
                 tracker.done(ex, manifest, cached)
                 bar.update(task, advance=1, description=f"{ex.name} {'cached' if cached else 'done'}")
-            try: records = run_pipeline(spec, run_dir, force, jobs, on_start, on_done, hashes, pool)
+            try: records = run_pipeline(spec, run_dir, force, jobs, on_start, on_done, hashes, pool,
+                                        runtime=lambda ex: tracker.runtime(ex, run_id))
             except BaseException:
                 mlflow.end_run("FAILED"); raise
     result = summary(run_id, tracker, records)
-    write_json(cache_root()/"runs"/f"{run_key(records)}.json", {"tracking_uri": tracking_uri(), "summary": result})
+    if not failed_gates(result):
+        write_json(cache_root()/"runs"/f"{run_key(records)}.json", {"tracking_uri": tracking_uri(), "summary": result})
     return result
 
 def run_key(records: list[dict]) -> str:
@@ -554,9 +602,24 @@ def summary(run_id: str, tracker: _Tracker, records: list[dict]) -> dict:
             "run_dir": str(tracker.run_dir),
             "steps": [{"name": r["name"], "seconds": r["seconds"], "cached": r["cached"]} for r in records],
             "candidates": candidates, "best": best, "baselines": ev.get("baselines", {}),
-            "oracle_nwrmsle": ev.get("oracle_nwrmsle")}
+            "oracle_nwrmsle": ev.get("oracle_nwrmsle"),
+            "gated": {k: tracker.gates[k] for k in ("model", "run_id", "champion")} if tracker.gates else None,
+            "gates": tracker.gates["gates"] if tracker.gates else [],
+            "registered": {k: tracker.registered[k] for k in ("name", "version", "aliases")} if tracker.registered else None}
 
-# %% ../nbs/21_pipeline.ipynb #cb3bfc79
+def failed_gates(result: dict) -> list[dict]:
+    "The failed rows of a run summary's gate table."
+    return [g for g in result.get("gates") or [] if g["result"] != "pass"]
+
+def check_gates(result: dict):
+    "Raise a `Cd4mlError` naming every failed gate of a run summary, with its value and threshold."
+    from cd4ml.gates import gates_from_table, raise_if_failed
+    gated = result.get("gated") or {}
+    champion = gated.get("champion")
+    raise_if_failed(gates_from_table(result.get("gates") or []), f"candidate {gated.get('model')} (run {gated.get('run_id')})",
+                    f"; the champion is still {'version ' + champion if champion else 'none'} and the run is tagged status=rejected")
+
+# %% ../nbs/21_pipeline.ipynb #65110e96
 TOLERANCE = 1e-12
 
 def _close(a, b) -> bool:
@@ -604,6 +667,8 @@ def reproduce(run_id: str, jobs: int | None = None, quiet: bool = False) -> dict
     run, recorded = recorded_run(run_id)
     spec = spec_from_dict(recorded["spec"], recorded["spec_path"])
     problems = code_differences(recorded, run, spec)
+    skipped = [s.name for s in spec.steps if not s.cache]     # gate, register: they depend on the registry's state, not the run's
+    spec = Spec(spec.path, spec.params, spec.models, [s for s in spec.steps if s.cache], spec.acceptance)
     dataset = run.data.tags.get("cd4ml.dataset")
     if spec.params.get("dataset"):
         from cd4ml.datasets import data_root
@@ -618,7 +683,8 @@ def reproduce(run_id: str, jobs: int | None = None, quiet: bool = False) -> dict
     for child in children:
         model = child.data.params.get("model")
         if model not in reproduced: problems.append(f"candidate {model} was not reproduced"); continue
-        r, b = metric_differences(child.data.metrics, reproduced[model]["metrics"], model)
+        r, b = metric_differences({k: v for k, v in child.data.metrics.items() if not k.startswith("gate.")},
+                                  reproduced[model]["metrics"], model)
         rows += r; problems += b
     return {"run_id": run_id, "reproduced_run_id": new["parent_run_id"], "dataset": new["dataset"],
-            "match": not problems, "problems": problems, "metrics": rows}
+            "match": not problems, "problems": problems, "metrics": rows, "skipped_steps": skipped}

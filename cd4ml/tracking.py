@@ -20,21 +20,27 @@ warnings.filterwarnings("ignore", message="Hint: Inferred schema contains intege
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways", category=UserWarning)
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'PINNED_PACKAGES', 'setup', 'git_state', 'package_lock', 'package_lock_hash', 'lineage_tags',
-           'log_dataset', 'pinned_requirements', 'skops_types', 'log_model']
+__all__ = ['EXPERIMENT', 'DATABASE_SCHEMES', 'PINNED_PACKAGES', 'is_database_uri', 'setup', 'git_state', 'package_lock',
+           'package_lock_hash', 'lineage_tags', 'log_dataset', 'pinned_requirements', 'skops_types', 'log_model']
 
-# %% ../nbs/20_tracking.ipynb #48e7c544
+# %% ../nbs/20_tracking.ipynb #d5641e2f
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+def is_database_uri(uri: str) -> bool:
+    "True for MLflow's database-backed stores: `sqlite:///…`, `postgresql+psycopg://…`, `mysql://…`, `mssql://…`."
+    return uri.partition(":")[0].partition("+")[0].lower() in DATABASE_SCHEMES
+
 def setup(experiment: str = EXPERIMENT) -> str:
-    "Point MLflow at the workspace's tracking store and select `experiment`; returns its id."
+    "Point MLflow at the workspace's tracking store and select `experiment` (artifacts in the workspace); returns its id."
     import mlflow
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+    if is_database_uri(uri) and mlflow.get_experiment_by_name(experiment) is None:
         try: mlflow.create_experiment(experiment, artifact_location=workspace("mlartifacts").as_uri())
         except mlflow.exceptions.MlflowException: pass          # created meanwhile by another process
     return mlflow.set_experiment(experiment).experiment_id
 
-# %% ../nbs/20_tracking.ipynb #aed19002
+# %% ../nbs/20_tracking.ipynb #d85456e2
 def git_state(path: Path | str = ".") -> dict:
     "The commit at `path` and whether its work tree has uncommitted changes ('none' outside git)."
     def git(*args):
@@ -60,7 +66,7 @@ def package_lock_hash() -> str:
     if remembered.exists(): return remembered.read_text()
     return atomic_write_text(remembered, hash_bytes(package_lock())[:16]).read_text()
 
-# %% ../nbs/20_tracking.ipynb #7fb618dd
+# %% ../nbs/20_tracking.ipynb #38a9803d
 def lineage_tags(root: Path | str, # project folder (for git)
                  code_hash: str,   # hash of the cd4ml library source (see `pipeline.library_hash`)
                  spec_hash: str,   # hash of the resolved pipeline spec
@@ -71,7 +77,7 @@ def lineage_tags(root: Path | str, # project folder (for git)
             "cd4ml.package_lock": package_lock_hash(), "cd4ml.version": cd4ml.__version__,
             "cd4ml.code_hash": code_hash, "cd4ml.spec_hash": spec_hash}
 
-# %% ../nbs/20_tracking.ipynb #724074ab
+# %% ../nbs/20_tracking.ipynb #ffb003a2
 def log_dataset(ds, # a `cd4ml.datasets.Dataset`
                 context: str = "training", sample_rows: int = 1000):
     "Log `ds` as the active run's dataset input (digest = version) and tag the run with its version."
@@ -81,7 +87,7 @@ def log_dataset(ds, # a `cd4ml.datasets.Dataset`
     mlflow.log_input(dataset, context=context)
     mlflow.set_tag("cd4ml.dataset", ds.version)
 
-# %% ../nbs/20_tracking.ipynb #a5b9d0d3
+# %% ../nbs/20_tracking.ipynb #27bdebdf
 PINNED_PACKAGES = ("scikit-learn", "pandas", "numpy", "scipy", "skops")
 
 def pinned_requirements() -> list[str]:

@@ -19,11 +19,15 @@ TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", 
 MODELS = ["moving_average", "seasonal_naive", "ridge", "random_forest", "hist_gbr"]
 
 
-def copy_project(dest: Path) -> Path:
-    "A copy of the project's pipeline.yaml and step notebooks; returns the spec path."
+def copy_project(dest: Path, gates: bool = False) -> Path:
+    """A copy of the project's pipeline.yaml and step notebooks; returns the spec path.
+    Without `gates` the spec ends at evaluate: the registry steps (gate, register: `cache: false`) are tested in
+    test_pipeline_gates.py, and here they would make every run depend on the registry's state."""
     (dest/"nbs").mkdir(parents=True)
     shutil.copytree(ROOT/"nbs"/"steps", dest/"nbs"/"steps")
-    shutil.copy(ROOT/"pipeline.yaml", dest/"pipeline.yaml")
+    spec = yaml.safe_load((ROOT/"pipeline.yaml").read_text())
+    if not gates: spec["steps"] = [s for s in spec["steps"] if s.get("cache", True)]
+    (dest/"pipeline.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return dest/"pipeline.yaml"
 
 
