@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export CD4ML_HOME ?= $(CURDIR)/.cd4ml
 
-.PHONY: help install system-deps pipeline test nbtest pytest lab ui serve bento export clean-nbs readme check-sync bench clean
+.PHONY: help install system-deps pipeline test nbtest pytest lab ui serve bento tracking-server export clean-nbs readme check-sync bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -46,6 +46,9 @@ lab: install ## open JupyterLab on nbs/
 
 ui: install ## open the MLflow UI on the workspace store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CD4ML_HOME)/mlflow.db}" --port $${PORT:-5000}
+
+tracking-server: install ## shared MLflow server: PostgreSQL store (CD4ML_DB_URI, default a local cluster in $$CD4ML_HOME/postgres); see deploy/README.md
+	scripts/tracking-server
 
 serve: install ## serve the champion: API, web page at http://127.0.0.1:3000/
 	$(BIN)/cd4ml serve --port $${PORT:-3000}

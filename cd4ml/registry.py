@@ -18,7 +18,7 @@ __all__ = ['MODEL_NAME', 'HISTORY_TAG', 'LOG_TAG', 'LOG_EVENTS', 'LINEAGE_TAGS',
            'register_or_reject', 'stored_recheck', 'promote', 'rollback', 'load_model', 'champion_model',
            'input_schema', 'log_report']
 
-# %% ../nbs/31_registry.ipynb #303b64b5
+# %% ../nbs/31_registry.ipynb #ee3710a8
 MODEL_NAME = "sales"
 HISTORY_TAG, LOG_TAG = "cd4ml.champion_history", "cd4ml.champion_log"
 LOG_EVENTS = 200                      # how many champion events the log keeps
@@ -28,8 +28,8 @@ LINEAGE_TAGS = {"dataset_version": ("dataset_version", "cd4ml.dataset"),   # run
 def client():
     "An `MlflowClient` on the workspace store (tracking and registry), with MLflow's fluent API pointed there too."
     import mlflow
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+    from cd4ml.tracking import open_store
+    uri = open_store()
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
