@@ -55,15 +55,18 @@ class Spec:
         "The values of the params `step` names (`acceptance` names the whole acceptance block)."
         return {p: self.acceptance if p == "acceptance" else self.params[p] for p in step.params}
 
-# %% ../nbs/21_pipeline.ipynb #8e3c7678
+# %% ../nbs/21_pipeline.ipynb #d3da069f
 def _spec_error(path, msg): return Cd4mlError(f"{path}: {msg}")
 
 def spec_from_dict(raw: dict, path: Path | str) -> Spec:
     "Validate a parsed spec (`raw`, read from `path`) and build a `Spec`."
     path = Path(path).absolute()
     if not isinstance(raw, dict): raise _spec_error(path, "a pipeline spec is a mapping with params, models, steps")
-    unknown = set(raw) - {"params", "models", "steps", "acceptance"}
-    if unknown: raise _spec_error(path, f"unknown top-level key(s) {sorted(unknown)}; expected params, models, steps, acceptance")
+    unknown = set(raw) - {"params", "models", "steps", "acceptance", "monitoring"}
+    if unknown: raise _spec_error(path, f"unknown top-level key(s) {sorted(unknown)}; expected params, models, steps, acceptance, monitoring")
+    if "monitoring" in raw:                         # read by `cd4ml monitor`; checked here so a typo fails early
+        from cd4ml.monitor import monitoring_config
+        monitoring_config(raw)
     acceptance = _acceptance(raw.get("acceptance"), f"{path}: acceptance") if "acceptance" in raw else {}
     params, models = dict(raw.get("params") or {}), {k: dict(v or {}) for k, v in (raw.get("models") or {}).items()}
     steps, seen = [], []

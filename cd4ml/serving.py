@@ -17,9 +17,11 @@ from .datasets import Dataset, load_dataset
 from . import features, models
 
 # %% auto #0
-__all__ = ['ENV_PREFIX', 'ROW_FIELDS', 'INT_RANGE', 'MODEL_NAME', 'ServeConfig', 'RequestError', 'parse_rows', 'Catalog',
-           'check_rows', 'Forecaster', 'canary_bucket', 'route', 'PredictionLog', 'read_log', 'Deployment',
-           'MicroBatcher', 'resolve_model', 'dataset_of', 'load_forecaster', 'load_deployment', 'predict']
+__all__ = ['ENV_PREFIX', 'ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'MODEL_NAME', 'ServeConfig', 'RequestError', 'parse_rows',
+           'Catalog', 'check_rows', 'Forecaster', 'canary_bucket', 'route', 'PredictionLog', 'read_log',
+           'parse_feedback', 'check_known', 'feedback_log', 'rejection_log', 'record_feedback', 'record_rejection',
+           'read_feedback', 'read_rejections', 'Deployment', 'MicroBatcher', 'resolve_model', 'dataset_of',
+           'load_forecaster', 'load_deployment', 'predict']
 
 # %% ../nbs/40_serving.ipynb #5d2a409c
 ENV_PREFIX = "CD4ML_"
@@ -301,7 +303,74 @@ def read_log(folder: Path | str | None = None) -> list[dict]:
     "Every logged request under `folder` (default `CD4ML_HOME/predictions`), oldest first."
     return [json.loads(line) for p in PredictionLog(folder).files() for line in p.read_text().splitlines() if line]
 
-# %% ../nbs/40_serving.ipynb #1ce84513
+# %% ../nbs/40_serving.ipynb #08a56fcd
+FEEDBACK_FIELDS = ("date", "store_nbr", "item_nbr", "unit_sales")
+
+def parse_feedback(rows, max_rows: int = 10_000) -> pd.DataFrame:
+    "Feedback rows `{date, store_nbr, item_nbr, unit_sales}` as a typed frame; a `RequestError` naming the first bad field."
+    if not isinstance(rows, (list, tuple)): raise RequestError(f"rows must be a list of rows; got {type(rows).__name__}", "rows", rows)
+    if not rows: raise RequestError("rows is empty: send at least one row", "rows", [])
+    if len(rows) > max_rows:
+        raise RequestError(f"rows has {len(rows)} rows; at most {max_rows} per request", "rows", len(rows), status=413)
+    out = {name: [] for name in FEEDBACK_FIELDS}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict): raise RequestError(f"rows[{i}] must be an object; got {row!r}", f"rows[{i}]", row)
+        extra = [k for k in row if k not in FEEDBACK_FIELDS]
+        if extra: raise RequestError(f"rows[{i}].{extra[0]} is not a known field; expected {list(FEEDBACK_FIELDS)}",
+                                     f"rows[{i}].{extra[0]}", row[extra[0]])
+        for name in FEEDBACK_FIELDS:
+            if name not in row: raise RequestError(f"rows[{i}].{name} is missing", f"rows[{i}].{name}", None)
+        for name in ("store_nbr", "item_nbr"):
+            if not _is_int(row[name]) or not INT_RANGE[0] <= row[name] <= INT_RANGE[1]:
+                raise RequestError(f"rows[{i}].{name} must be an integer from {INT_RANGE[0]} to {INT_RANGE[1]}; got {row[name]!r}",
+                                   f"rows[{i}].{name}", row[name])
+        units = row["unit_sales"]
+        if isinstance(units, (bool, np.bool_)) or not isinstance(units, (int, float, np.number)) or not np.isfinite(units):
+            raise RequestError(f"rows[{i}].unit_sales must be a finite number; got {units!r}", f"rows[{i}].unit_sales", units)
+        out["date"].append(_as_date(row["date"], f"rows[{i}].date"))
+        for name in ("store_nbr", "item_nbr", "unit_sales"): out[name].append(row[name])
+    return pd.DataFrame({"date": np.array(out["date"], dtype="datetime64[ns]"), "store_nbr": np.array(out["store_nbr"], dtype="int64"),
+                         "item_nbr": np.array(out["item_nbr"], dtype="int64"), "unit_sales": np.array(out["unit_sales"], dtype=float)})
+
+def check_known(frame: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
+    "`frame` if every store and item is in the catalog, else a 422 `RequestError` for the first that isn't."
+    for name, known, what in (("store_nbr", catalog._stores, "store"), ("item_nbr", catalog._items, "item")):
+        bad = [i for i, v in enumerate(frame[name].tolist()) if v not in known]
+        if bad: raise RequestError(f"rows[{bad[0]}].{name}: unknown {what} {frame[name].iloc[bad[0]]}",
+                                   f"rows[{bad[0]}].{name}", int(frame[name].iloc[bad[0]]), status=422)
+    return frame
+
+def feedback_log(folder: Path | str | None = None) -> PredictionLog:
+    "The feedback log (`CD4ML_HOME/feedback/feedback.jsonl` by default)."
+    return PredictionLog(folder or workspace("feedback"), name="feedback.jsonl")
+
+def rejection_log(folder: Path | str | None = None) -> PredictionLog:
+    "The log of refused requests (`CD4ML_HOME/predictions/rejected.jsonl` by default)."
+    return PredictionLog(folder or workspace("predictions"), name="rejected.jsonl")
+
+def record_feedback(frame: pd.DataFrame, log: PredictionLog | None = None, feedback_id: str | None = None) -> dict:
+    "Append checked feedback rows to the feedback log; returns `{feedback_id, rows}`."
+    feedback_id = feedback_id or uuid.uuid4().hex
+    (log or feedback_log()).append({"feedback_id": feedback_id, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                                    "rows": {"date": np.datetime_as_string(frame.date.to_numpy(), unit="D").tolist(),
+                                             "store_nbr": frame.store_nbr.tolist(), "item_nbr": frame.item_nbr.tolist(),
+                                             "unit_sales": frame.unit_sales.tolist()}})
+    return {"feedback_id": feedback_id, "rows": len(frame)}
+
+def record_rejection(error: RequestError, n_rows: int, log: PredictionLog | None = None) -> None:
+    "Append a refused request (its error, field, value and row count) to the rejection log."
+    (log or rejection_log()).append({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                                     "status": error.status, "rows": n_rows, **error.to_json()})
+
+def read_feedback(folder: Path | str | None = None) -> list[dict]:
+    "Every logged feedback post, oldest first."
+    return [json.loads(line) for p in feedback_log(folder).files() for line in p.read_text().splitlines() if line]
+
+def read_rejections(folder: Path | str | None = None) -> list[dict]:
+    "Every logged refused request, oldest first."
+    return [json.loads(line) for p in rejection_log(folder).files() for line in p.read_text().splitlines() if line]
+
+# %% ../nbs/40_serving.ipynb #bf5f131b
 class Deployment:
     "The champion, optionally a challenger (shadow and/or canary), the config and the prediction log."
     def __init__(self, champion: Forecaster, challenger: Forecaster | None = None,
@@ -354,7 +423,7 @@ class Deployment:
         frame = self.validate(rows)
         return self.respond(frame, self.predict(frame), started, request_id)
 
-# %% ../nbs/40_serving.ipynb #1a54a08e
+# %% ../nbs/40_serving.ipynb #fb0ea76e
 class MicroBatcher:
     "Adaptive batching of `predict(frame) -> dict of per-row lists` calls across concurrent asyncio requests."
     def __init__(self, predict, max_rows: int = 2000):
@@ -392,7 +461,7 @@ def _slice(result: dict, a: int, b: int) -> dict:
     "Rows a..b of a result whose per-row values are lists (nested dicts are sliced too)."
     return {k: _slice(v, a, b) if isinstance(v, dict) else v[a:b] if isinstance(v, list) else v for k, v in result.items()}
 
-# %% ../nbs/40_serving.ipynb #a172ca2d
+# %% ../nbs/40_serving.ipynb #c0bebbeb
 MODEL_NAME = "sales"
 _forecasters: dict[tuple, Forecaster] = {}
 

@@ -1,0 +1,196 @@
+"""End to end: a real server answers and logs requests, actuals are posted to /feedback, and `cd4ml monitor`
+reads the logs: no alert when the actuals follow the training data, accuracy and drift alerts when demand
+has shifted, an unknown-store alert when requests name stores the model does not know."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _serving_helpers import BIN, ROOT, as_json_rows, build_registry, running_server, simulated_tables
+
+def monitor_command(*args: str) -> list[str]:
+    "`cd4ml monitor` once the CLI mounts it; else the same typer command function run directly."
+    from cd4ml.cli import app
+    if any((c.name or c.callback.__name__) == "monitor" for c in app.registered_commands):
+        return [str(BIN/"cd4ml"), "monitor", *args]
+    return [sys.executable, "-c", "import typer; from cd4ml.cli_monitor import monitor; typer.run(monitor)", *args]
+
+def run_monitor(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CD4ML_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(monitor_command("--json", *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    home = tmp_path_factory.mktemp("monitor")/"cd4ml-home"
+    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
+    try:
+        reg = build_registry(home)
+        reg["holdout"] = set_holdout_nwrmsle(reg)
+        with running_server(home, env={"CD4ML_SHADOW": "1"}) as base:
+            yield {**reg, "home": home, "base": base}
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def set_holdout_nwrmsle(reg) -> float:
+    "Backtest v1 on the last 16 days of its dataset and record that as its holdout NWRMSLE (as the pipeline does)."
+    import mlflow
+    from cd4ml import features, models
+    from cd4ml.core import tracking_uri
+    from cd4ml.metrics import nwrmsle
+    ds = reg["dataset"]
+    frame = features.training_frame(ds, [pd.Timestamp(ds.meta["end"]) - pd.Timedelta(days=16)], 16)
+    value = nwrmsle(frame.unit_sales, models.predict(reg["models"]["1"], frame), frame.weight)
+    mlflow.MlflowClient(tracking_uri()).set_model_version_tag("sales", "1", "metric.nwrmsle", repr(value))
+    return value
+
+def future(ds, level: float = 1.0) -> pd.DataFrame:
+    "Every store-item of the 16 forecastable days, with promotions and actuals from the same process (x `level`)."
+    full = simulated_tables(days=136)
+    end = pd.Timestamp(ds.meta["end"])
+    grid = pd.MultiIndex.from_product([pd.date_range(end + pd.Timedelta(days=1), periods=16), range(1, 5), range(100, 130)],
+                                      names=["date", "store_nbr", "item_nbr"]).to_frame(index=False)
+    sales = full["sales"][full["sales"].date > end]
+    rows = grid.merge(sales, on=["date", "store_nbr", "item_nbr"], how="left")
+    rng = np.random.default_rng(7)
+    rows["onpromotion"] = rows.onpromotion.astype("boolean").fillna(False).astype(bool)
+    rows["unit_sales"] = rows.unit_sales.fillna(0.0)
+    if level != 1.0: rows["unit_sales"] = rng.poisson(rows.unit_sales * level).astype(float)
+    return rows.astype({"store_nbr": "int64", "item_nbr": "int64"})
+
+def predict_all(base, rows):
+    for a in range(0, len(rows), 500):
+        r = httpx.post(f"{base}/predict", json={"rows": as_json_rows(rows.iloc[a:a + 500])}, timeout=60)
+        assert r.status_code == 200, r.text
+
+def post_feedback(base, rows):
+    body = [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u)}
+            for d, s, i, u in zip(rows.date, rows.store_nbr, rows.item_nbr, rows.unit_sales)]
+    r = httpx.post(f"{base}/feedback", json={"rows": body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+def test_feedback_rejects_bad_rows(served):
+    base, row = served["base"], {"date": "2017-05-02", "store_nbr": 1, "item_nbr": 100, "unit_sales": 2.0}
+    for change, field, status in [({"unit_sales": "two"}, "rows[1].unit_sales", 400), ({"date": "2017-02-30"}, "rows[1].date", 400),
+                                  ({"store_nbr": 99}, "rows[1].store_nbr", 422), ({"item_nbr": 7}, "rows[1].item_nbr", 422)]:
+        r = httpx.post(f"{base}/feedback", json={"rows": [row, {**row, **change}]}, timeout=30)
+        assert r.status_code == status, (change, r.status_code, r.text)
+        assert field in r.text, r.text
+    assert not (served["home"]/"feedback"/"feedback.jsonl").exists()        # nothing recorded from refused posts
+
+def test_no_drift_then_drift(served):
+    import mlflow
+    from cd4ml.core import tracking_uri
+    base, home, ds = served["base"], served["home"], served["dataset"]
+    calm = future(ds)
+    predict_all(base, calm)
+    answer = post_feedback(base, calm)
+    assert answer["rows"] == len(calm) == 1920
+    assert answer["live"]["1"]["n"] == 1920 and answer["live"]["2"]["n"] == 1920      # champion answers, challenger in shadow
+    metrics = httpx.get(f"{base}/metrics", timeout=30).text
+    gauge = next(l for l in metrics.splitlines() if l.startswith("cd4ml_live_nwrmsle") and 'model_version="1"' in l)
+    assert abs(float(gauge.split()[-1]) - answer["live"]["1"]["nwrmsle"]) < 1e-9
+
+    r = run_monitor(home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["alerts"] == [] and report["retrain"] is False
+    assert report["champion"] == "1" and abs(report["holdout_nwrmsle"] - served["holdout"]) < 1e-12
+    live = report["live"]["1"]["nwrmsle"]
+    assert live < served["holdout"] * 1.1, (live, served["holdout"])
+    assert set(report["drift"]) == {"onpromotion", "day_of_week", "unit_sales", "prediction"}
+    assert report["drift"]["unit_sales"]["psi"] < 0.2
+    assert report["traffic"]["requests"] == 4 and report["traffic"]["rows"] == 1920
+    assert Path(report["report"]).exists()
+    client = mlflow.MlflowClient(tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("cd4ml-monitoring").experiment_id])
+    assert len(runs) == 1 and abs(runs[0].data.metrics["live_nwrmsle_v1"] - live) < 1e-9
+
+    shifted = future(ds, level=2.5)                  # demand jumps: the later post of each store-item-day wins
+    post_feedback(base, shifted)
+    bad = httpx.post(f"{base}/predict", json={"rows": [{"date": calm.date[0].date().isoformat(), "store_nbr": 42, "item_nbr": 100,
+                                                        "onpromotion": False}]}, timeout=30)
+    assert bad.status_code == 422
+    r = run_monitor(home)
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    kinds = {a["kind"] for a in report["alerts"]}
+    assert kinds == {"accuracy", "drift", "unknown"}, report["alerts"]
+    assert report["retrain"] is True
+    assert report["live"]["1"]["nwrmsle"] > live * 1.2
+    assert report["drift"]["unit_sales"]["psi"] > 0.2 and report["drift"]["onpromotion"]["psi"] < 0.2
+    assert report["traffic"]["rejected"] == 1 and report["traffic"]["unknown"] == 1
+
+
+# The whole loop on the simulator: train on 200 days, serve, demand jumps x2.5 from day 200 on, monitoring
+# alerts, `--retrain` saves five weeks of actuals as a new dataset and runs the pipeline on it; its gates decide.
+RUN = ["-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2", "-p", "models=ridge,moving_average"]
+
+def simulated_world(home: Path):
+    "A simulation whose demand jumps x2.5 on day 200; the first 200 days saved as the training dataset."
+    from cd4ml.datasets import save_dataset
+    from cd4ml.simulate import simulate
+    start, days = pd.Timestamp("2016-01-01"), 200
+    sim = simulate(stores=3, items=8, days=days + 42, start=str(start.date()), seed=0,
+                   drift=f"level=2.5@{(start + pd.Timedelta(days=days)).date()}")
+    end = start + pd.Timedelta(days=days - 1)
+    os.environ["CD4ML_HOME"] = str(home)
+    ds = save_dataset({"sales": sim["train"].drop(columns="id")[lambda d: d.date <= end], "items": sim["items"],
+                       "stores": sim["stores"], "holidays": sim["holidays_events"], "oil": sim["oil"],
+                       "transactions": sim["transactions"]}, source="tests drifted simulation")
+    return sim, ds, end
+
+def week(sim, first: pd.Timestamp, days: int = 7) -> pd.DataFrame:
+    "Every open store-item-day of the `days` days from `first`, with its promotion flag and actual units (0 if none sold)."
+    keys = ["date", "store_nbr", "item_nbr"]
+    grid = sim["truth"][(sim["truth"].date >= first) & (sim["truth"].date < first + pd.Timedelta(days=days))][keys]
+    rows = grid.merge(sim["train"][keys + ["unit_sales", "onpromotion"]], on=keys, how="left")
+    rows["onpromotion"] = rows.onpromotion.astype("boolean").fillna(False).astype(bool)
+    return rows.fillna({"unit_sales": 0.0}).astype({"store_nbr": "int64", "item_nbr": "int64"})
+
+def run_cd4ml(home, *args):
+    env = {**os.environ, "CD4ML_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([str(BIN/"cd4ml"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+def test_drift_alert_then_retrain_on_the_actuals(tmp_path):
+    home = tmp_path/"cd4ml-home"
+    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
+    try:
+        sim, ds, end = simulated_world(home)
+        r = run_cd4ml(home, "run", "-p", f"dataset={ds.version}", *RUN, "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout or "{}").get("registered", {}).get("aliases") == ["champion"], r.stdout[-2000:] + r.stderr[-2000:]
+
+        first = week(sim, end + pd.Timedelta(days=1))              # the drifted week the champion forecasts
+        actuals = week(sim, end + pd.Timedelta(days=1), 35)       # the stores report five weeks of sales
+        with running_server(home, env={"CD4ML_MAX_HORIZON": "7"}) as base:
+            predict_all(base, first); post_feedback(base, actuals)
+        r = run_monitor(home, "--retrain", *[a for p in RUN[1::2] for a in ("-p", p)])
+        assert r.returncode == 1 and r.stdout.startswith("{"), r.stdout + r.stderr[-3000:]
+        report = json.loads(r.stdout)
+        assert "accuracy" in {a["kind"] for a in report["alerts"]} and report["retrain"] is True
+        before = report["live"]["1"]["nwrmsle"]
+        retrained = report["retrained"]
+        from cd4ml.datasets import load_dataset
+        grown = load_dataset(retrained["dataset_version"])      # the champion's data + the reported sales
+        assert grown.meta["end"] == str((end + pd.Timedelta(days=35)).date())
+        assert len(grown.sales) == len(ds.sales) + int((actuals.unit_sales != 0).sum())
+        assert retrained["result"]["dataset"] == grown.version   # the pipeline trained on it
+        # The gates decide. On this tiny simulation ridge does not beat the moving-average baseline after a level
+        # shift (measured: holdout 0.664 vs 0.524), so the honest outcome is a rejected candidate and an unchanged champion.
+        # NOT DONE: a drift where retraining yields a promoted model with lower live error (see the report).
+        assert retrained["exit_code"] == 2 and "rejected by" in retrained["error"], retrained["error"]
+        assert (retrained["champion_before"], retrained["champion_after"], retrained["promoted"]) == ("1", "1", False)
+        assert before > report["holdout_nwrmsle"] * 1.1
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
