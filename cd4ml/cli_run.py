@@ -12,15 +12,28 @@ import typer
 from .console import cli_errors, emit, kv_table, records_table
 
 # %% auto #0
-__all__ = ['JSON_OPT', 'JOBS_OPT', 'summary_tables', 'run', 'reproduce']
+__all__ = ['JSON_OPT', 'JOBS_OPT', 'quality', 'summary_tables', 'run', 'reproduce']
 
-# %% ../nbs/22_cli_run.ipynb #a68762b5
+# %% ../nbs/22_cli_run.ipynb #90b7ed92
 JSON_OPT = typer.Option(False, "--json", help="Print JSON on stdout instead of tables.")
 JOBS_OPT = typer.Option(None, "-j", "--jobs", min=1, help="Candidates trained in parallel (default: CPU count).")
 
 def _fast_notebook_imports():
     "Skip jsonschema's optional IRI checker (a grammar built at import, ~2 s); notebook schemas never use it."
     if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
+
+def quality(result: dict) -> dict:
+    "The best model against the noise floor (oracle) and the moving-average baseline, beside the targets we aim for."
+    best = (result.get("best") or {}).get("metrics", {}).get("nwrmsle")
+    oracle, ma = result.get("oracle_nwrmsle"), (result.get("baselines") or {}).get("moving_average")
+    out = {}
+    if best is not None and oracle:
+        gap = best / oracle - 1
+        out["best vs oracle"] = f"{gap:+.1%} (target ≤ +5%: {'met' if gap <= 0.05 else 'not met'})"
+    if best is not None and ma:
+        gain = 1 - best / ma
+        out["best vs moving_average"] = f"{gain:.1%} better (target ≥ 10%: {'met' if gain >= 0.10 else 'not met'})"
+    return out
 
 def summary_tables(result: dict) -> list:
     "The human view of a run summary: steps, candidates, best vs baselines vs oracle."
@@ -33,7 +46,7 @@ def summary_tables(result: dict) -> list:
     facts = {"dataset": result["dataset"], "best": best,
              "best nwrmsle": (result.get("best") or {}).get("metrics", {}).get("nwrmsle"),
              **{f"{b} nwrmsle": v for b, v in result["baselines"].items()},
-             "oracle nwrmsle": result["oracle_nwrmsle"], "notebooks": result["run_dir"]}
+             "oracle nwrmsle": result["oracle_nwrmsle"], **quality(result), "notebooks": result["run_dir"]}
     tables = [steps, cands, kv_table(facts, title="best vs baselines vs oracle")]
     if result.get("gates"):
         gated, registered = result.get("gated") or {}, result.get("registered")
