@@ -21,8 +21,8 @@ from .core import Cd4mlError
 from .features import FEATURES, WINDOW_DAYS
 
 # %% auto #0
-__all__ = ['CANDIDATES', 'BASELINES', 'CATEGORICAL', 'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit',
-           'predict', 'feature_importance']
+__all__ = ['CATEGORICAL', 'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit', 'predict',
+           'feature_importance']
 
 # %% ../nbs/12_models.ipynb #ef2dbaa7
 class FeatureBaseline(RegressorMixin, BaseEstimator):
@@ -57,17 +57,8 @@ class SeasonalNaive(FeatureBaseline):
         if self.weeks not in columns: raise Cd4mlError(f"seasonal_naive weeks={self.weeks!r}; choose one of {list(columns)}")
         return columns[self.weeks]
 
-# %% ../nbs/12_models.ipynb #bf4c7082
-CANDIDATES: dict[str, dict] = {
-    "moving_average": {"days": 14},
-    "seasonal_naive": {"weeks": 4},
-    "ridge": {"alpha": 1.0},
-    "random_forest": {"n_estimators": 40, "max_depth": 10, "min_samples_leaf": 20, "max_features": 0.5,
-                      "max_samples": 0.3, "n_jobs": 1, "random_state": 0},
-    "hist_gbr": {"max_iter": 60, "learning_rate": 0.1, "max_leaf_nodes": 15, "min_samples_leaf": 200,
-                 "l2_regularization": 10.0, "early_stopping": False, "random_state": 0},
-}
-BASELINES = ("moving_average", "seasonal_naive")
+# %% ../nbs/12_models.ipynb #f1d1cc1c
+from .candidates import BASELINES, CANDIDATES   # the catalog: names and default params
 CATEGORICAL = ["dow", "family_code", "store_type_code"]   # one-hot encoded for linear models
 
 def _ridge(alpha):

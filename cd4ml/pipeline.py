@@ -109,7 +109,7 @@ def load_spec(path: Path | str = "pipeline.yaml") -> Spec:
         raise Cd4mlError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}")
     return spec_from_dict(raw, path)
 
-# %% ../nbs/21_pipeline.ipynb #263be12e
+# %% ../nbs/21_pipeline.ipynb #ebfa7ee0
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b=1'` → `(['a', 'b'], 1)`; the value is parsed as a YAML scalar."
     key, sep, value = text.partition("=")
@@ -119,8 +119,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), parsed
 
 def _catalog() -> dict:
-    "Default params of every candidate model the library knows (`cd4ml.models.CANDIDATES`)."
-    from cd4ml.models import CANDIDATES
+    "Default params of every candidate model the library knows (`cd4ml.candidates.CANDIDATES`, no sklearn import)."
+    from cd4ml.candidates import CANDIDATES
     return CANDIDATES
 
 def apply_overrides(spec: Spec,              # the spec as loaded
