@@ -73,7 +73,7 @@ def _parse_env(name: str, raw: str, kind: str):
     except ValueError:
         raise Cd4mlError(f"environment variable {name}={raw!r} is not a valid {kind.split()[0]}") from None
 
-# %% ../nbs/40_serving.ipynb #40a4a3fe
+# %% ../nbs/40_serving.ipynb #2213de65
 ROW_FIELDS = ("date", "store_nbr", "item_nbr", "onpromotion")
 
 class RequestError(Cd4mlError):
@@ -105,25 +105,30 @@ def _as_date(v, where: str) -> np.datetime64:
     except (ValueError, OverflowError): raise bad from None   # not a date, or beyond what datetime64[ns] holds
     raise bad
 
-def parse_rows(rows, max_rows: int = 1000) -> pd.DataFrame:
-    "Request rows (a list of dicts or a frame) as a typed frame; a `RequestError` naming the first bad field."
-    if isinstance(rows, pd.DataFrame): rows = rows.to_dict("records")
+def _checked_rows(rows, fields, max_rows: int):
+    "Yield `(i, row)` of a request's rows once the list, each row's fields and its store/item ids are well formed."
     if not isinstance(rows, (list, tuple)): raise RequestError(f"rows must be a list of rows; got {type(rows).__name__}", "rows", rows)
     if not rows: raise RequestError("rows is empty: send at least one row", "rows", [])
     if len(rows) > max_rows:
         raise RequestError(f"rows has {len(rows)} rows; at most {max_rows} per request", "rows", len(rows), status=413)
-    dates, stores, items, promos = [], [], [], []
     for i, row in enumerate(rows):
         if not isinstance(row, dict): raise RequestError(f"rows[{i}] must be an object; got {row!r}", f"rows[{i}]", row)
-        extra = [k for k in row if k not in ROW_FIELDS]
-        if extra: raise RequestError(f"rows[{i}].{extra[0]} is not a known field; expected {list(ROW_FIELDS)}",
+        extra = [k for k in row if k not in fields]
+        if extra: raise RequestError(f"rows[{i}].{extra[0]} is not a known field; expected {list(fields)}",
                                      f"rows[{i}].{extra[0]}", row[extra[0]])
-        for name in ROW_FIELDS:
+        for name in fields:
             if name not in row: raise RequestError(f"rows[{i}].{name} is missing", f"rows[{i}].{name}", None)
         for name in ("store_nbr", "item_nbr"):
             if not _is_int(row[name]) or not INT_RANGE[0] <= row[name] <= INT_RANGE[1]:
                 raise RequestError(f"rows[{i}].{name} must be an integer from {INT_RANGE[0]} to {INT_RANGE[1]}; got {row[name]!r}",
                                    f"rows[{i}].{name}", row[name])
+        yield i, row
+
+def parse_rows(rows, max_rows: int = 1000) -> pd.DataFrame:
+    "Request rows (a list of dicts or a frame) as a typed frame; a `RequestError` naming the first bad field."
+    if isinstance(rows, pd.DataFrame): rows = rows.to_dict("records")
+    dates, stores, items, promos = [], [], [], []
+    for i, row in _checked_rows(rows, ROW_FIELDS, max_rows):
         if not isinstance(row["onpromotion"], (bool, np.bool_)):
             raise RequestError(f"rows[{i}].onpromotion must be true or false; got {row['onpromotion']!r}",
                                f"rows[{i}].onpromotion", row["onpromotion"])
@@ -303,27 +308,13 @@ def read_log(folder: Path | str | None = None) -> list[dict]:
     "Every logged request under `folder` (default `CD4ML_HOME/predictions`), oldest first."
     return [json.loads(line) for p in PredictionLog(folder).files() for line in p.read_text().splitlines() if line]
 
-# %% ../nbs/40_serving.ipynb #08a56fcd
+# %% ../nbs/40_serving.ipynb #3eabdb3f
 FEEDBACK_FIELDS = ("date", "store_nbr", "item_nbr", "unit_sales")
 
 def parse_feedback(rows, max_rows: int = 10_000) -> pd.DataFrame:
     "Feedback rows `{date, store_nbr, item_nbr, unit_sales}` as a typed frame; a `RequestError` naming the first bad field."
-    if not isinstance(rows, (list, tuple)): raise RequestError(f"rows must be a list of rows; got {type(rows).__name__}", "rows", rows)
-    if not rows: raise RequestError("rows is empty: send at least one row", "rows", [])
-    if len(rows) > max_rows:
-        raise RequestError(f"rows has {len(rows)} rows; at most {max_rows} per request", "rows", len(rows), status=413)
     out = {name: [] for name in FEEDBACK_FIELDS}
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict): raise RequestError(f"rows[{i}] must be an object; got {row!r}", f"rows[{i}]", row)
-        extra = [k for k in row if k not in FEEDBACK_FIELDS]
-        if extra: raise RequestError(f"rows[{i}].{extra[0]} is not a known field; expected {list(FEEDBACK_FIELDS)}",
-                                     f"rows[{i}].{extra[0]}", row[extra[0]])
-        for name in FEEDBACK_FIELDS:
-            if name not in row: raise RequestError(f"rows[{i}].{name} is missing", f"rows[{i}].{name}", None)
-        for name in ("store_nbr", "item_nbr"):
-            if not _is_int(row[name]) or not INT_RANGE[0] <= row[name] <= INT_RANGE[1]:
-                raise RequestError(f"rows[{i}].{name} must be an integer from {INT_RANGE[0]} to {INT_RANGE[1]}; got {row[name]!r}",
-                                   f"rows[{i}].{name}", row[name])
+    for i, row in _checked_rows(rows, FEEDBACK_FIELDS, max_rows):
         units = row["unit_sales"]
         if isinstance(units, (bool, np.bool_)) or not isinstance(units, (int, float, np.number)) or not np.isfinite(units):
             raise RequestError(f"rows[{i}].unit_sales must be a finite number; got {units!r}", f"rows[{i}].unit_sales", units)
