@@ -116,3 +116,19 @@ def running_server(home: Path, *args: str, env: dict | None = None, command: lis
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL); proc.wait(5)
         log.close()
+
+
+@contextmanager
+def served_registry(home: Path, env: dict | None = None, prepare=None):
+    """A registry in `home` (see `build_registry`) and a server on it; yields the registry facts with `home` and `base`.
+    `prepare(reg)` may return more facts to add before the server starts. CD4ML_HOME and MLFLOW_TRACKING_URI are restored."""
+    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
+    try:
+        reg = build_registry(home)
+        if prepare: reg.update(prepare(reg))
+        with running_server(home, env=env) as base:
+            yield {**reg, "home": home, "base": base}
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v

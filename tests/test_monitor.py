@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _serving_helpers import BIN, ROOT, as_json_rows, build_registry, running_server, simulated_tables
+from _serving_helpers import BIN, ROOT, as_json_rows, running_server, served_registry, simulated_tables
 
 def monitor_command(*args: str) -> list[str]:
     "`cd4ml monitor` once the CLI mounts it; else the same typer command function run directly."
@@ -27,16 +27,8 @@ def run_monitor(home: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     home = tmp_path_factory.mktemp("monitor")/"cd4ml-home"
-    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
-    try:
-        reg = build_registry(home)
-        reg["holdout"] = set_holdout_nwrmsle(reg)
-        with running_server(home, env={"CD4ML_SHADOW": "1"}) as base:
-            yield {**reg, "home": home, "base": base}
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    with served_registry(home, env={"CD4ML_SHADOW": "1"}, prepare=lambda reg: {"holdout": set_holdout_nwrmsle(reg)}) as served:
+        yield served
 
 def set_holdout_nwrmsle(reg) -> float:
     "Backtest v1 on the last 16 days of its dataset and record that as its holdout NWRMSLE (as the pipeline does)."

@@ -13,22 +13,14 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _serving_helpers import as_json_rows, build_registry, request_rows, running_server
+from _serving_helpers import as_json_rows, request_rows, running_server, served_registry
 
 CANARY = 30
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     home = tmp_path_factory.mktemp("serve")/"cd4ml-home"
-    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
-    try:
-        reg = build_registry(home)
-        with running_server(home, env={"CD4ML_SHADOW": "1", "CD4ML_CANARY_PERCENT": str(CANARY)}) as base:
-            yield {**reg, "home": home, "base": base}
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    with served_registry(home, env={"CD4ML_SHADOW": "1", "CD4ML_CANARY_PERCENT": str(CANARY)}) as served: yield served
 
 def offline(served, version, rows):
     "What training/evaluation code computes for `rows` with model `version`."

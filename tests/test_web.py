@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _serving_helpers import build_registry, running_server
+from _serving_helpers import served_registry
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -16,15 +16,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 @pytest.fixture(scope="module")
 def page_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("web")/"cd4ml-home"
-    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
-    try:
-        reg = build_registry(home)
-        with running_server(home) as base:
-            yield {**reg, "home": home, "base": base}
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    with served_registry(home) as served: yield served
 
 @pytest.fixture(scope="module")
 def browser(system_binary):
