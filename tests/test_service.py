@@ -82,6 +82,31 @@ def test_prediction_log_has_every_request_with_shadow(served):
     np.testing.assert_allclose(rec["shadow"]["predictions"], offline(served, "2", rows), rtol=0, atol=1e-9)
     assert 0 < rec["latency_ms"] < 60_000 and rec["time"].startswith("20")
 
+def test_feedback_live_accuracy_equals_the_monitor_recomputation(served):
+    "/feedback answers from running sums (serving.LiveAccuracy); they must equal cd4ml.monitor's recomputation from the logs."
+    from cd4ml import monitor
+    from cd4ml.serving import read_feedback, read_log
+    base, home = served["base"], served["home"]
+    rows = request_rows(served["dataset"], 300, seed=13)
+    assert post(base, as_json_rows(rows)).status_code == 200
+    def actuals(frame, units):
+        return [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u)}
+                for d, s, i, u in zip(frame.date, frame.store_nbr, frame.item_nbr, units)]
+    first = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[:200], np.arange(200) % 7)}, timeout=60)
+    assert first.status_code == 200, first.text
+    assert post(base, as_json_rows(rows.iloc[150:250])).status_code == 200        # asked again after their actuals
+    second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25)}, timeout=60)
+    assert second.status_code == 200, second.text                                 # 100 actuals replaced
+    live = second.json()["live"]
+    full = monitor.live_metrics(monitor.join_feedback(monitor.served_frame(read_log(home/"predictions")),
+                                                      monitor.feedback_frame(read_feedback(home/"feedback"))),
+                                served["dataset"].table("items"))
+    assert sorted(live) == sorted(full) == ["1", "2"]
+    for version, m in full.items():
+        assert (live[version]["n"], live[version]["roles"]) == (m["n"], m["roles"])
+        assert abs(live[version]["nwrmsle"] - m["nwrmsle"]) <= 1e-9 * m["nwrmsle"] and abs(live[version]["mae"] - m["mae"]) <= 1e-9 * m["mae"]
+    assert full["2"]["roles"] == ["answer", "shadow"] and full["1"]["n"] > 0 and full["2"]["n"] > full["1"]["n"]
+
 BAD = [  # (body or raw bytes, expected status, text the message must contain)
     ({"rows": []}, 400, "rows is empty"),
     ({}, 400, "rows"),
