@@ -28,7 +28,7 @@ def _importing(as_json: bool):
 def _import_result(ds, report: dict, **more) -> dict:
     return {**ds.meta, "created_at": ds.meta["created"], **report, "path": str(ds.path), **more}
 
-# %% ../nbs/07_cli_data.ipynb #beb32cb9
+# %% ../nbs/07_cli_data.ipynb #71b0788c
 @data_app.command("generate")
 @cli_errors
 def generate_cmd(stores: int = typer.Option(10, help="Number of stores."),
@@ -40,7 +40,8 @@ def generate_cmd(stores: int = typer.Option(10, help="Number of stores."),
                                                             "(default: CD4ML_HOME/raw/sim-s..-i..-d..-START-seed..)."),
                  drift: str | None = typer.Option(None, help="Change demand from a date on: kind=FACTOR@YYYY-MM-DD, comma-separated; "
                                                              "kinds: level (all demand x F), promo (promotion lift x F), "
-                                                             "season (weekly cycle ^ F). E.g. level=1.5@2016-10-01."),
+                                                             "season (weekly cycle ^ F), items (F new items launched that day). "
+                                                             "E.g. level=1.5@2016-10-01 or items=20@2016-11-01."),
                  as_json: bool = JSON_OPT):
     "Simulate Favorita-like sales, write the Kaggle CSVs, and import them as a dataset version."
     try: from cd4ml.simulate import generate

@@ -15,7 +15,8 @@ from .console import cli_errors, emit, kv_table, records_table
 from .core import Cd4mlError, workspace, write_json
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'NOTEBOOK', 'run_report', 'log_report', 'feedback_dataset', 'retrain', 'monitor']
+__all__ = ['EXPERIMENT', 'NOTEBOOK', 'DRIFT_ROWS_SHOWN', 'run_report', 'log_report', 'feedback_dataset', 'retrain', 'top_drift',
+           'monitor']
 
 # %% ../nbs/51_cli_monitor.ipynb #5f03b67e
 EXPERIMENT = "cd4ml-monitoring"
@@ -57,17 +58,19 @@ def log_report(report: dict, folder: Path) -> str:
         mlflow.log_artifacts(str(folder))
         return run.info.run_id
 
-# %% ../nbs/51_cli_monitor.ipynb #2c747944
+# %% ../nbs/51_cli_monitor.ipynb #36cfb9e2
 def feedback_dataset(report: dict) -> str:
-    "Save the champion's dataset plus the feedback after its end as a new dataset version; its version."
+    "Save the champion's dataset plus the feedback after its end as a new dataset version; its version (meta: parent, unflagged promotion rows)."
     from cd4ml import monitor
     from cd4ml.datasets import TABLES, load_dataset, save_dataset
     from cd4ml.serving import read_feedback, read_log
     ds = load_dataset(report["dataset_version"])
     tables = {name: ds.table(name) for name in TABLES if name in ds}
-    grown = monitor.append_feedback(tables, monitor.served_frame(read_log()), monitor.feedback_frame(read_feedback()))
+    served, feedback = monitor.served_frame(read_log()), monitor.feedback_frame(read_feedback())
+    grown = monitor.append_feedback(tables, served, feedback)
     return save_dataset(grown, source=f"{report['dataset_version']} + feedback (cd4ml monitor --retrain)", freq=ds.meta.get("freq", "D"),
-                        extra={"parent": report["dataset_version"], "feedback_rows": report["feedback_rows"]}).version
+                        extra={"parent": report["dataset_version"], "feedback_rows": report["feedback_rows"],
+                               "unflagged_promotion_rows": monitor.unflagged_feedback(tables["sales"], served, feedback)}).version
 
 def _cd4ml() -> list[str]:
     exe = Path(sys.executable).parent/"cd4ml"
@@ -78,16 +81,26 @@ def retrain(report: dict, spec: Path | str = "pipeline.yaml", params: list[str] 
     from cd4ml.monitor import champion_facts
     before = report["champion"]
     version = feedback_dataset(report)
+    from cd4ml.datasets import load_dataset
+    unflagged = load_dataset(version).meta.get("unflagged_promotion_rows", 0)
     cmd = [*_cd4ml(), "run", str(spec), "-p", f"dataset={version}", *[a for p in params for a in ("-p", p)], "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     try: result = json.loads(done.stdout)
     except json.JSONDecodeError: result = None
     after = champion_facts()["champion"]
-    return {"dataset_version": version, "exit_code": done.returncode, "result": result,
+    return {"dataset_version": version, "unflagged_promotion_rows": unflagged, "exit_code": done.returncode, "result": result,
             "error": done.stderr.strip().splitlines()[-1] if done.returncode and done.stderr.strip() else None,
             "champion_before": before, "champion_after": after, "promoted": after != before}
 
-# %% ../nbs/51_cli_monitor.ipynb #de1b054f
+# %% ../nbs/51_cli_monitor.ipynb #bfed2f83
+DRIFT_ROWS_SHOWN = 12
+
+def top_drift(drift: dict, n: int = DRIFT_ROWS_SHOWN) -> list[dict]:
+    "The `n` drift rows with the highest PSI (unknown PSI last)."
+    rows = [{"feature": f, **d} for f, d in drift.items()]
+    return sorted(rows, key=lambda r: (r["psi"] is None, -(r["psi"] or 0.0)))[:n]
+
+# %% ../nbs/51_cli_monitor.ipynb #9faaffe4
 @cli_errors
 def monitor(since: Optional[str] = typer.Option(None, "--since", help="Only target days (and requests) from this day on, YYYY-MM-DD."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of tables."),
@@ -111,11 +124,13 @@ def monitor(since: Optional[str] = typer.Option(None, "--since", help="Only targ
                         "report": report["report"]}, title="monitoring"),
               records_table([{"version": v, **{k: m[k] for k in ("nwrmsle", "mae", "n")}} for v, m in report["live"].items()],
                             ["version", "nwrmsle", "mae", "n"], title="live accuracy"),
-              records_table([{"feature": f, **d} for f, d in report["drift"].items()], ["feature", "psi", "ks_p", "drifted"], title="drift"),
+              records_table(top_drift(report["drift"]), ["feature", "psi", "ks_p", "drifted"],
+                            title=f"drift: the {min(DRIFT_ROWS_SHOWN, len(report['drift']))} highest PSI of {len(report['drift'])} (all in --json)"),
               records_table(report["alerts"], ["kind", "detail"], title="alerts")]
     if "retrained" in report:
         r = report["retrained"]
-        tables.append(kv_table({k: r[k] for k in ("dataset_version", "exit_code", "champion_before", "champion_after", "promoted", "error")},
+        tables.append(kv_table({k: r[k] for k in ("dataset_version", "unflagged_promotion_rows", "exit_code", "champion_before",
+                                                  "champion_after", "promoted", "error")},
                                title="retrain"))
     emit(report, as_json, *tables)
     if report["alerts"]: raise typer.Exit(1)

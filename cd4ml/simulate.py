@@ -234,14 +234,14 @@ def _campaigns(items: pd.DataFrame, days: int, seed: int) -> np.ndarray:
     campaign[np.repeat(item, length)[keep], t[keep]] = ids[keep]
     return campaign
 
-# %% ../nbs/02_simulate.ipynb #684baac9
-DRIFT_KINDS = ("level", "promo", "season")
+# %% ../nbs/02_simulate.ipynb #ae9b27ca
+DRIFT_KINDS = ("level", "promo", "season", "items")
 
 @dataclass(frozen=True)
 class Drift:
     "A change of demand from `start` on."
     kind: str          # one of `DRIFT_KINDS`
-    factor: float      # > 0
+    factor: float      # > 0 (for `items`: how many new items, a whole number)
     start: pd.Timestamp
 
 def parse_drift(spec) -> list[Drift]:
@@ -259,6 +259,8 @@ def parse_drift(spec) -> list[Drift]:
             raise Cd4mlError(f"drift {part!r}: unknown kind {kind!r}; expected one of {list(DRIFT_KINDS)} as kind=FACTOR@YYYY-MM-DD")
         try: f = float(factor); assert f > 0 and np.isfinite(f)
         except (ValueError, AssertionError): raise Cd4mlError(f"drift {part!r}: factor {factor!r} must be a positive number") from None
+        if kind == "items" and not f.is_integer():
+            raise Cd4mlError(f"drift {part!r}: the number of new items {factor!r} must be a whole number, e.g. items=20@2016-11-01")
         try: day = pd.Timestamp(date.fromisoformat(start))
         except ValueError: raise Cd4mlError(f"drift {part!r}: start {start!r} must be a date YYYY-MM-DD") from None
         out.append(Drift(kind, f, day))
@@ -268,10 +270,11 @@ def drift_factors(drifts: list[Drift], dates: pd.DatetimeIndex) -> dict[str, np.
     "Per drift kind present, its factor on each day of `dates` (1 before it starts; several of a kind multiply)."
     out = {}
     for d in drifts:
+        if d.kind == "items": continue        # not a factor: new items get a sub-world (see `_launched`)
         out[d.kind] = out.get(d.kind, np.ones(len(dates))) * np.where(dates >= d.start, d.factor, 1.0)
     return out
 
-# %% ../nbs/02_simulate.ipynb #07e3f0f5
+# %% ../nbs/02_simulate.ipynb #c102267d
 BLOCK = 28                            # days per block: the unit of randomness and of writing
 TRAFFIC_SIGMA, TX_SIGMA = 0.06, 0.05  # store-day traffic noise; extra noise of transactions
 DIP = {1: 0.7, 2: 0.8, 3: 0.9}        # post-promotion dip, by days since the promotion ended
@@ -286,6 +289,7 @@ class _World:
     affinity: np.ndarray               # stores × items: store-item base demand
     participates: list                 # per store: bool per campaign
     shifts: dict = field(default_factory=dict)   # drift kind -> factor per day (see `parse_drift`); empty: none
+    launched: list = field(default_factory=list) # sub-worlds of items launched by an `items` drift (see `_launched`)
 
 def _world(stores: int, items: int, days: int, start: str, seed: int, drift=None) -> _World:
     dates = pd.date_range(start, periods=days)
@@ -315,7 +319,24 @@ def _world(stores: int, items: int, days: int, start: str, seed: int, drift=None
     missing = (dates.day_of_week >= 5) | dates.isin(national) | (_rng(seed, "calendar", "oil-gaps").random(days) < 0.02)
     oil_df = pd.DataFrame({"date": dates.astype("datetime64[ns]"), "dcoilwtico": np.where(missing, np.nan, published)})
     shifts = drift_factors(parse_drift(drift), dates)
-    return _World(seed, dates, it, st, hol, oil_df, campaign, traffic, weekly, np.array(affinity), participates, shifts)
+    world = _World(seed, dates, it, st, hol, oil_df, campaign, traffic, weekly, np.array(affinity), participates, shifts)
+    for k, d in enumerate(x for x in parse_drift(drift) if x.kind == "items"):
+        world.launched.append(_launched(world, int(d.factor), int((d.start - dates[0]).days), zlib.crc32(f"items-{seed}-{k}".encode()),
+                                        fam_weekly, int(max([it.item_nbr.max(), *(w.items.item_nbr.max() for w in world.launched)]))))
+    return world
+
+def _launched(world: _World, n: int, launch: int, seed: int, fam_weekly: np.ndarray, after: int) -> _World:
+    "A sub-world of `n` items launched on day `launch`, numbered above `after`, with odd (new) classes; stores and calendar shared."
+    rng = _rng(seed, "launch")
+    it = _items(n, len(world.dates), seed).assign(launch=launch)
+    it["class"] = (it["class"] // 2) * 2 + 1
+    it["item_nbr"] = after + np.sort(rng.choice(np.arange(1, 20 * n + 1), n, replace=False))
+    fam = FAMILIES.reset_index().set_index("family").loc[it.family, "index"].to_numpy()
+    affinity = [_rng(seed, "store", int(s)).lognormal(-0.08, 0.4, n) * it.popularity.to_numpy() for s in world.stores.store_nbr]
+    campaign = _campaigns(it, len(world.dates), seed)
+    participates = [_rng(seed, "store", int(s), "promo").random(int(campaign.max()) + 1) < 0.8 for s in world.stores.store_nbr]
+    return _World(seed, world.dates, it, world.stores, world.holidays, world.oil, campaign, world.traffic, fam_weekly[fam],
+                  np.array(affinity), participates, world.shifts)
 
 # %% ../nbs/02_simulate.ipynb #20e182d8
 def _promo(world: _World, s: int, t0: int, t1: int) -> np.ndarray:
@@ -373,13 +394,16 @@ def _block(world: _World, stores: np.ndarray, t0: int, t1: int) -> dict:
     return {"units": units, "promo": promo, "expected": expected, "open": cell_open,
             "store_open": store_open, "transactions": transactions}
 
-# %% ../nbs/02_simulate.ipynb #1777b62e
+# %% ../nbs/02_simulate.ipynb #700b4b65
 def _block_rows(world: _World, t0: int, t1: int, chunk_stores: int | None) -> dict[str, dict[str, np.ndarray]]:
     "Rows of `train`, `truth` and `transactions` for days `t0..t1-1`, in Kaggle order, computed in store chunks."
     n = len(world.stores)
     step = chunk_stores or n
     parts = [_block(world, np.arange(a, min(a + step, n)), t0, t1) for a in range(0, n, step)]
     dense = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    for sub in world.launched:                            # launched items: more columns on the item axis
+        new = _block(sub, np.arange(n), t0, t1)
+        dense |= {k: np.concatenate([dense[k], new[k]], axis=1) for k in ("units", "promo", "expected", "open")}
     by_date = lambda a: np.moveaxis(a, -1, 0)             # (stores, items, days) -> (days, stores, items)
     cell_open = by_date(dense["open"])
     units = by_date(dense["units"])
@@ -387,7 +411,7 @@ def _block_rows(world: _World, t0: int, t1: int, chunk_stores: int | None) -> di
     sold = cell_open & (units != 0)
     ds, ss, is_ = np.nonzero(sold)
     store_nbr = world.stores.store_nbr.to_numpy(np.int32)
-    item_nbr = world.items.item_nbr.to_numpy(np.int32)
+    item_nbr = np.concatenate([w.items.item_nbr.to_numpy(np.int32) for w in [world, *world.launched]])
     day0 = world.dates.values.astype("datetime64[D]")[t0]
     sd, ss2 = np.nonzero(dense["store_open"].T)
     return {"train": {"date": day0 + ds, "store_nbr": store_nbr[ss], "item_nbr": item_nbr[is_],
@@ -402,7 +426,7 @@ def _blocks(world: _World, chunk_stores: int | None = None):
     days = len(world.dates)
     for t0 in range(0, days, BLOCK): yield _block_rows(world, t0, min(t0 + BLOCK, days), chunk_stores)
 
-# %% ../nbs/02_simulate.ipynb #d11b9452
+# %% ../nbs/02_simulate.ipynb #bf7b1b62
 COLUMNS = {"train": ["id", "date", "store_nbr", "item_nbr", "unit_sales", "onpromotion"],
            "items": ["item_nbr", "family", "class", "perishable"],
            "stores": ["store_nbr", "city", "state", "type", "cluster"],
@@ -417,7 +441,8 @@ def _frame(cols: dict[str, np.ndarray]) -> pd.DataFrame:
 
 def _static_tables(world: _World) -> dict[str, pd.DataFrame]:
     "The small tables: items, stores, holidays_events and oil."
-    return {"items": world.items[COLUMNS["items"]].astype({"class": int, "perishable": int}),
+    items = pd.concat([w.items for w in [world, *world.launched]], ignore_index=True)
+    return {"items": items[COLUMNS["items"]].astype({"class": int, "perishable": int}),
             "stores": world.stores[COLUMNS["stores"]], "holidays_events": world.holidays, "oil": world.oil}
 
 def simulate(stores: int = 10,         # number of stores (store_nbr 1..stores)
@@ -435,7 +460,7 @@ def simulate(stores: int = 10,         # number of stores (store_nbr 1..stores)
     out["train"].insert(0, "id", np.arange(len(out["train"]), dtype=np.int64))
     return {**_static_tables(world), **out}
 
-# %% ../nbs/02_simulate.ipynb #e58aba85
+# %% ../nbs/02_simulate.ipynb #4824134b
 def _kaggle_floats(values: np.ndarray) -> pa.Array:
     "Floats as Kaggle/pandas print them: `7.0`, `-1.0`, `2.432`."
     text = pc.cast(pa.array(values), pa.string())
@@ -459,7 +484,7 @@ _TRUTH_SCHEMA = pa.schema([("date", pa.timestamp("ns")), ("store_nbr", pa.int32(
 def _small_csv(df: pd.DataFrame, path: Path):
     df.to_csv(path, index=False, date_format="%Y-%m-%d", lineterminator="\n")
 
-# %% ../nbs/02_simulate.ipynb #c8e6a843
+# %% ../nbs/02_simulate.ipynb #82dcde29
 def generate(out: Path | str,            # folder to write (replaced atomically if it exists)
              stores: int = 10, items: int = 50, days: int = 730, start: str = "2015-01-01", seed: int = 0,
              chunk_stores: int | None = None,  # stores simulated together (None: all); caps memory, not results
@@ -483,7 +508,7 @@ def generate(out: Path | str,            # folder to write (replaced atomically 
         files = sorted(p.name for p in tmp.iterdir())
     return {"out": str(out), "rows": rows, "files": files, "seconds": round(time.time() - began, 3)}
 
-# %% ../nbs/02_simulate.ipynb #8aa06fe8
+# %% ../nbs/02_simulate.ipynb #d834f34d
 def _estimate_rows(stores: int, items: int, days: int, seed: int = 0, samples: int = 8) -> float:
     "Train rows `simulate` would give, extrapolated from `samples` blocks spread over the history."
     world = _world(stores, items, days, "2015-01-01", seed)
