@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export CD4ML_HOME ?= $(CURDIR)/.cd4ml
 
-.PHONY: help install system-deps pipeline test nbtest pytest lab ui serve bento tracking-server export clean-nbs readme check-sync bench clean
+.PHONY: help install system-deps pipeline test nbtest pytest lab ui serve bento tracking-server export clean-nbs readme check-sync bench bench-scale clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -69,7 +69,10 @@ check-sync: install ## fail if cd4ml/ or README.md are out of sync with nbs/, or
 	bash .ci/check-sync
 
 bench: install ## benchmarks: simulator speed/memory, pipeline overhead and cache ratios
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit $$?; done
+	@for b in bench/bench_*.py; do [ $$b = bench/bench_scale.py ] && continue; echo "== $$b"; $(BIN)/python $$b || exit $$?; done
+
+bench-scale: install ## pandas vs dask engine at 1 M / 5 M / 20 M rows: time and peak RSS per step, plot, crossover (CD4ML_BENCH_ROWS=1e6,5e6 to choose; ~1 h)
+	$(BIN)/python bench/bench_scale.py
 
 clean: ## delete the workspace (.cd4ml)
 	rm -rf "$(CD4ML_HOME)"

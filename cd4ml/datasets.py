@@ -14,8 +14,8 @@ import pandas as pd
 from .core import Cd4mlError, atomic_dir, hash_bytes, hash_frame, workspace, write_json
 
 # %% auto #0
-__all__ = ['TABLES', 'REQUIRED', 'SIDE_TABLES', 'normalize', 'data_root', 'dataset_version', 'describe', 'Dataset',
-           'save_dataset', 'list_datasets', 'resolve_version', 'load_dataset']
+__all__ = ['TABLES', 'REQUIRED', 'SIDE_TABLES', 'normalize', 'data_root', 'dataset_version', 'version_of_hashes', 'describe',
+           'Dataset', 'save_dataset', 'list_datasets', 'resolve_version', 'load_dataset']
 
 # %% ../nbs/03_datasets.ipynb #5955252e
 TABLES = {
@@ -46,12 +46,16 @@ def normalize(name: str, df: pd.DataFrame) -> pd.DataFrame:
         else: out[col] = out[col].astype(dt)
     return out.sort_values(keys, kind="stable").reset_index(drop=True)
 
-# %% ../nbs/03_datasets.ipynb #c404398b
+# %% ../nbs/03_datasets.ipynb #9ac53486
 def data_root() -> Path: return workspace("data")
 
 def dataset_version(tables: dict[str, pd.DataFrame]) -> str:
     "The version of normalized `tables`: a hash over every table but the side tables."
-    parts = [f"{name}:{hash_frame(df)}" for name, df in sorted(tables.items()) if name not in SIDE_TABLES]
+    return version_of_hashes({name: hash_frame(df) for name, df in tables.items() if name not in SIDE_TABLES})
+
+def version_of_hashes(hashes: dict[str, str]) -> str:
+    "The version of tables given each one's `hash_frame` (side tables are left out), e.g. hashed while streaming."
+    parts = [f"{name}:{h}" for name, h in sorted(hashes.items()) if name not in SIDE_TABLES]
     return "ds-" + hash_bytes("\n".join(parts))[:12]
 
 def describe(tables: dict[str, pd.DataFrame]) -> dict:
@@ -63,7 +67,7 @@ def describe(tables: dict[str, pd.DataFrame]) -> dict:
             "stores": int(sales.store_nbr.nunique()), "items": int(sales.item_nbr.nunique()),
             "tables": {name: int(len(df)) for name, df in sorted(tables.items())}}
 
-# %% ../nbs/03_datasets.ipynb #7fbd36fd
+# %% ../nbs/03_datasets.ipynb #3b1389b3
 @dataclass
 class Dataset:
     "A stored dataset version; tables are read from Parquet on first use."
@@ -72,12 +76,19 @@ class Dataset:
     meta: dict
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def __contains__(self, name: str) -> bool: return (self.path/f"{name}.parquet").exists()
+    def __contains__(self, name: str) -> bool: return (self.path/f"{name}.parquet").exists() or (self.path/name).is_dir()
+    def parts(self, name: str) -> list[Path]:
+        "The Parquet files of table `name`: one per partition of whole stores if it is partitioned (see `cd4ml.scale`), else one."
+        if (self.path/name).is_dir(): return sorted((self.path/name).glob("part-*.parquet"))
+        if name not in self: raise Cd4mlError(f"dataset {self.version} has no table '{name}'")
+        return [self.path/f"{name}.parquet"]
     def table(self, name: str) -> pd.DataFrame:
         "Table `name` (see `TABLES`) of this version."
         if name not in self._cache:
             if name not in self: raise Cd4mlError(f"dataset {self.version} has no table '{name}'")
-            self._cache[name] = pd.read_parquet(self.path/f"{name}.parquet")
+            single = self.path/f"{name}.parquet"
+            self._cache[name] = (pd.read_parquet(single) if single.exists() else    # partitions: back to one normalized table
+                                 normalize(name, pd.concat([pd.read_parquet(p) for p in self.parts(name)], ignore_index=True)))
         return self._cache[name]
     @property
     def sales(self) -> pd.DataFrame: return self.table("sales")

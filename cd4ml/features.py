@@ -16,8 +16,8 @@ from .datasets import TABLES, Dataset, normalize
 # %% auto #0
 __all__ = ['WINDOW_DAYS', 'LOOKBACK_DAYS', 'CALENDAR', 'HOLIDAYS', 'PROMO', 'HISTORY', 'ATTRIBUTES', 'EXTERNAL', 'FEATURES',
            'tables_of', 'freq_of', 'period_of', 'History', 'series_key', 'history', 'series_stats', 'holiday_flags',
-           'payday', 'oil_at', 'Context', 'context', 'feature_rows', 'features_for', 'training_frame',
-           'forecast_origins']
+           'payday', 'oil_at', 'Context', 'context', 'feature_rows', 'family_weekday_sums', 'pool_family_weekday',
+           'family_weekday_partial', 'features_for', 'training_frame', 'forecast_origins']
 
 # %% ../nbs/11_features.ipynb #e126ffc4
 def tables_of(data: Dataset | dict,   # a stored dataset or a dict of tables (plus an optional "meta" dict)
@@ -170,7 +170,7 @@ def oil_at(oil: pd.DataFrame | None, dates) -> tuple[np.ndarray, np.ndarray]:
     now, before = at(dates), at(dates - np.timedelta64(28, "D"))
     return now, now / before - 1
 
-# %% ../nbs/11_features.ipynb #d61d0e75
+# %% ../nbs/11_features.ipynb #7bf12144
 class Context(NamedTuple):
     "Lookups that do not depend on the origin."
     items: pd.DataFrame          # by item_nbr: family_code, class_code, perishable
@@ -201,7 +201,9 @@ def _check_requests(requests: pd.DataFrame, origin: pd.Timestamp):
         raise Cd4mlError(f"request date {pd.Timestamp(requests.date[early].iloc[0]).date()} is not after the forecast origin "
                          f"{origin.date()}; forecasts are for days after the last known sales")
 
-def feature_rows(ctx: Context, hist: History, origin, requests: pd.DataFrame) -> pd.DataFrame:
+def feature_rows(ctx: Context, hist: History, origin, requests: pd.DataFrame,
+                 family_pool: pd.DataFrame | None = None, # pooled weekday deviations (`pool_family_weekday`); None: pool over `hist`'s series
+                ) -> pd.DataFrame:
     "`FEATURES` for `requests` (date, store_nbr, item_nbr, onpromotion) forecast from `origin`, in request order."
     origin = pd.Timestamp(origin)
     dates = pd.DatetimeIndex(pd.to_datetime(requests.date).to_numpy())
@@ -215,7 +217,8 @@ def feature_rows(ctx: Context, hist: History, origin, requests: pd.DataFrame) ->
     seasonal = by_lag[at, (-ahead) % season] if len(hist.keys) else np.full((len(key), 3), np.nan)
     out = pd.DataFrame(stats.to_numpy()[at] if len(hist.keys) else np.nan, columns=stats.columns, index=requests.index)
     out[["last_same_dow", "dow_mean_4w", "dow_mean_8w"]] = seasonal
-    out["family_dow_8w"] = _family_weekday(ctx, hist, stats, by_lag)[at, (-ahead) % season] if len(hist.keys) else np.nan
+    if family_pool is None: family_pool = pool_family_weekday([family_weekday_sums(ctx, hist, stats, by_lag)])
+    out["family_dow_8w"] = _family_weekday(ctx, hist, family_pool)[at, (-ahead) % season] if len(hist.keys) else np.nan
     out.loc[~known, :] = np.nan
     out["days_ahead"] = ahead.astype("float64")
     out["dow"] = dates.day_of_week.astype("float64") if season > 1 else 0.0
@@ -231,12 +234,25 @@ def feature_rows(ctx: Context, hist: History, origin, requests: pd.DataFrame) ->
     out["transactions_28d"] = _store_traffic(ctx.transactions, origin).reindex(store).to_numpy()
     return out[FEATURES].fillna(0.0).astype("float64")
 
-def _family_weekday(ctx: Context, hist: History, stats: pd.DataFrame, by_lag: np.ndarray) -> np.ndarray:
+def _families(ctx: Context, hist: History) -> np.ndarray:
+    "The family code of each series of `hist` (-1: item unknown)."
+    return ctx.items.family_code.reindex(hist.keys & 0xFFFFFFFF).fillna(-1).to_numpy()
+
+def family_weekday_sums(ctx: Context, hist: History, stats: pd.DataFrame, by_lag: np.ndarray) -> pd.DataFrame:
+    "Per family: sum and count of its series' weekday deviations from their 8-week mean, by weekday lag (columns `('sum'|'count', lag)`)."
+    deviation = pd.DataFrame(by_lag[:, :, 2] - stats["mean_56d"].to_numpy()[:, None])
+    groups = deviation.groupby(_families(ctx, hist))                    # NaN (not open yet) rows are skipped
+    return pd.concat({"sum": groups.sum(), "count": groups.count()}, axis=1)
+
+def pool_family_weekday(sums: list[pd.DataFrame]) -> pd.DataFrame:
+    "Mean weekday deviation per family (rows) and weekday lag (columns) from the `family_weekday_sums` of any split of the series."
+    total = sums[0] if len(sums) == 1 else pd.concat(sums).groupby(level=0).sum()
+    count = total["count"]
+    return (total["sum"] / count.where(count > 0)).astype("float64")
+
+def _family_weekday(ctx: Context, hist: History, pooled: pd.DataFrame) -> np.ndarray:
     "Per series × weekday lag: the weekday's deviation from the 8-week mean, pooled over all series of the item's family."
-    deviation = by_lag[:, :, 2] - stats["mean_56d"].to_numpy()[:, None]
-    family = ctx.items.family_code.reindex(hist.keys & 0xFFFFFFFF).fillna(-1).to_numpy()
-    pooled = pd.DataFrame(deviation).groupby(family).transform("mean")     # NaN (not open yet) rows are skipped
-    return pooled.to_numpy()
+    return pooled.reindex(_families(ctx, hist)).to_numpy()
 
 def _store_traffic(transactions: pd.DataFrame | None, origin: pd.Timestamp) -> pd.Series:
     "log1p of each store's mean daily transactions over the 28 days up to the origin."
@@ -244,7 +260,18 @@ def _store_traffic(transactions: pd.DataFrame | None, origin: pd.Timestamp) -> p
     recent = transactions[(transactions.date <= origin) & (transactions.date > origin - pd.Timedelta(days=28))]
     return np.log1p(recent.groupby("store_nbr").transactions.mean())
 
-# %% ../nbs/11_features.ipynb #b72b38a3
+# %% ../nbs/11_features.ipynb #8a0225fa
+def family_weekday_partial(data: Dataset | dict, # the dataset, or one partition of its series (whole stores)
+                           origins: list,        # forecast origins
+                          ) -> dict:
+    "Origin -> `family_weekday_sums` of the series in `data` (one history for all origins, as `training_frame`): its share of the pooling."
+    tables = tables_of(data, ["sales", "items", "stores"])
+    step, origins = period_of(freq_of(data)), sorted({pd.Timestamp(o) for o in origins})
+    hist = history(tables["sales"], origins[0] - step * (_lookback(step) - 1), origins[-1], step)
+    ctx = context(tables)
+    return {o: family_weekday_sums(ctx, hist, *series_stats(hist, o)) for o in origins}
+
+# %% ../nbs/11_features.ipynb #efa6ae2e
 def _lookback(step: pd.Timedelta) -> int: return LOOKBACK_DAYS // step.days
 
 def _check_origins(sales: pd.DataFrame, origins: list[pd.Timestamp]):
@@ -268,10 +295,11 @@ def features_for(data: Dataset | dict,      # the dataset holding the history
     hist = history(sales, origin - step * (_lookback(step) - 1), origin, step)
     return feature_rows(context(tables), hist, origin, requests)
 
-# %% ../nbs/11_features.ipynb #fb049646
+# %% ../nbs/11_features.ipynb #9a334a4d
 def training_frame(data: Dataset | dict,  # the dataset
                    origins: list,         # forecast origins (dates)
                    horizon: int,          # periods ahead: targets are origin+1 .. origin+horizon
+                   family_pool: dict | None = None, # origin -> `pool_family_weekday` over more series than `data`'s (the dask engine's partitions)
                   ) -> pd.DataFrame:
     "Rows (origin, date, store_nbr, item_nbr, onpromotion, *FEATURES, unit_sales, weight[, expected]) for every origin."
     if not len(origins) or horizon < 1: raise Cd4mlError(f"training_frame needs origins and horizon >= 1; got {len(origins)} origins, horizon {horizon}")
@@ -293,7 +321,8 @@ def training_frame(data: Dataset | dict,  # the dataset
         rows = rows.merge(window[["date", "store_nbr"]].drop_duplicates(), on=["date", "store_nbr"])  # drop closed days
         rows = rows.merge(window, on=["date", "store_nbr", "item_nbr"], how="left")
         rows["onpromotion"] = rows.onpromotion.fillna(False).astype(bool)
-        frames.append(pd.concat([rows, feature_rows(ctx, hist, origin, rows)], axis=1))
+        pool = family_pool[origin] if family_pool is not None else None
+        frames.append(pd.concat([rows, feature_rows(ctx, hist, origin, rows, pool)], axis=1))
     out = pd.concat(frames, ignore_index=True)
     out["unit_sales"] = out.unit_sales.fillna(0.0)
     out["weight"] = np.where(out.perishable == 1, 1.25, 1.0)
@@ -301,7 +330,7 @@ def training_frame(data: Dataset | dict,  # the dataset
     columns = ["origin", "date", "store_nbr", "item_nbr", "onpromotion", *FEATURES, "unit_sales", "weight"]
     return out[columns + (["expected"] if "expected" in out else [])]
 
-# %% ../nbs/11_features.ipynb #45cef407
+# %% ../nbs/11_features.ipynb #cc99b319
 def forecast_origins(data: Dataset | dict,  # the dataset
                      horizon: int,          # periods forecast from each origin
                      n_train: int,          # training origins
@@ -314,8 +343,11 @@ def forecast_origins(data: Dataset | dict,  # the dataset
     step = step or (7 if freq == "D" else 1)
     if horizon < 1 or n_train < 1 or n_valid < 0 or step < 1:
         raise Cd4mlError(f"need horizon >= 1, n_train >= 1, n_valid >= 0, step >= 1; got {horizon}, {n_train}, {n_valid}, {step}")
-    dates = tables_of(data, ["sales"])["sales"].date
-    first, last = dates.min(), dates.max()
+    if isinstance(data, Dataset) and data.meta.get("end"):   # stored: the span is in meta.json, no need to read the sales
+        first, last = pd.Timestamp(data.meta["start"]), pd.Timestamp(data.meta["end"])
+    else:
+        dates = tables_of(data, ["sales"])["sales"].date
+        first, last = dates.min(), dates.max()
     holdout = last - period * horizon
     back = lambda end, n: [end - period * step * i for i in range(n)][::-1]
     valid = back(holdout - period * horizon, n_valid)
