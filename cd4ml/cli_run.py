@@ -14,7 +14,7 @@ from .console import cli_errors, emit, kv_table, records_table
 # %% auto #0
 __all__ = ['JSON_OPT', 'JOBS_OPT', 'quality', 'summary_tables', 'run', 'reproduce']
 
-# %% ../nbs/22_cli_run.ipynb #90b7ed92
+# %% ../nbs/22_cli_run.ipynb #22606d16
 JSON_OPT = typer.Option(False, "--json", help="Print JSON on stdout instead of tables.")
 JOBS_OPT = typer.Option(None, "-j", "--jobs", min=1, help="Candidates trained in parallel (default: CPU count).")
 
@@ -54,6 +54,11 @@ def summary_tables(result: dict) -> list:
                    if registered else "not registered")
         tables.append(records_table(result["gates"], ["gate", "value", "threshold", "result"],
                                     title=f"gates: candidate {gated.get('model')} vs champion {gated.get('champion') or 'none'}: {verdict}"))
+    release = result.get("release") or {}
+    if release.get("gates"):
+        outcome = "promoted to champion" if release["promoted"] else f"not promoted (version {release['version_status']})"
+        tables.append(records_table(release["gates"], ["gate", "value", "threshold", "result", "detail"],
+                                    title=f"release: Bento {release['bento']} of version {release['version']}: {outcome}"))
     return tables
 
 @cli_errors

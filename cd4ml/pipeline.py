@@ -22,8 +22,8 @@ __all__ = ['ENGINES', 'WARM_UP', 'THREAD_VARS', 'TOLERANCE', 'Step', 'Spec', 'sp
            'flatten', 'notebook_parameters', 'run_tracked', 'run_key', 'up_to_date', 'summary', 'failed_gates',
            'check_gates', 'recorded_run', 'code_differences', 'metric_differences', 'reproduce']
 
-# %% ../nbs/21_pipeline.ipynb #a16489f2
-ENGINES = {"pandas": True, "dask": False}   # engine → available yet
+# %% ../nbs/21_pipeline.ipynb #a6b67e51
+ENGINES = {"pandas": True, "dask": True}   # engine → available yet (dask: see `cd4ml.scale`)
 
 @dataclass
 class Step:
@@ -44,30 +44,34 @@ class Spec:
     models: dict
     steps: list
     acceptance: dict = field(default_factory=dict)   # the `acceptance:` block, completed from `cd4ml.gates.ACCEPTANCE_DEFAULTS`
+    release: dict = field(default_factory=dict)      # the `release:` block, completed from `cd4ml.release.RELEASE_DEFAULTS`
 
     @property
     def root(self) -> Path: return self.path.parent
     def notebook(self, step: Step) -> Path: return self.root/step.notebook
     def to_dict(self) -> dict:
         return {"params": self.params, "models": self.models, "steps": [asdict(s) for s in self.steps],
-                **({"acceptance": self.acceptance} if self.acceptance else {})}
+                **({"acceptance": self.acceptance} if self.acceptance else {}),
+                **({"release": self.release} if self.release else {})}
     def step_params(self, step: Step) -> dict:
-        "The values of the params `step` names (`acceptance` names the whole acceptance block)."
-        return {p: self.acceptance if p == "acceptance" else self.params[p] for p in step.params}
+        "The values of the params `step` names (`acceptance` and `release` name those whole blocks)."
+        blocks = {"acceptance": self.acceptance, "release": self.release}
+        return {p: blocks[p] if p in blocks else self.params[p] for p in step.params}
 
-# %% ../nbs/21_pipeline.ipynb #d3da069f
+# %% ../nbs/21_pipeline.ipynb #213a0f16
 def _spec_error(path, msg): return Cd4mlError(f"{path}: {msg}")
 
 def spec_from_dict(raw: dict, path: Path | str) -> Spec:
     "Validate a parsed spec (`raw`, read from `path`) and build a `Spec`."
     path = Path(path).absolute()
     if not isinstance(raw, dict): raise _spec_error(path, "a pipeline spec is a mapping with params, models, steps")
-    unknown = set(raw) - {"params", "models", "steps", "acceptance", "monitoring"}
-    if unknown: raise _spec_error(path, f"unknown top-level key(s) {sorted(unknown)}; expected params, models, steps, acceptance, monitoring")
+    unknown = set(raw) - {"params", "models", "steps", "acceptance", "release", "monitoring"}
+    if unknown: raise _spec_error(path, f"unknown top-level key(s) {sorted(unknown)}; expected params, models, steps, acceptance, release, monitoring")
     if "monitoring" in raw:                         # read by `cd4ml monitor`; checked here so a typo fails early
         from cd4ml.monitor import monitoring_config
         monitoring_config(raw)
     acceptance = _acceptance(raw.get("acceptance"), f"{path}: acceptance") if "acceptance" in raw else {}
+    release = _release(raw.get("release"), f"{path}: release") if "release" in raw else {}
     params, models = dict(raw.get("params") or {}), {k: dict(v or {}) for k, v in (raw.get("models") or {}).items()}
     steps, seen = [], []
     for i, s in enumerate(raw.get("steps") or []):
@@ -81,7 +85,7 @@ def spec_from_dict(raw: dict, path: Path | str) -> Spec:
         if step.foreach not in (None, "models"): raise _spec_error(path, f"{where} ('{step.name}'): foreach must be 'models', got '{step.foreach}'")
         if not isinstance(step.cache, bool): raise _spec_error(path, f"{where} ('{step.name}'): cache must be true or false, got {step.cache!r}")
         for p in step.params:
-            if p not in params and not (p == "acceptance" and acceptance):
+            if p not in params and not ((p == "acceptance" and acceptance) or (p == "release" and release)):
                 raise _spec_error(path, f"{where} ('{step.name}'): param '{p}' is not declared under params")
         for inp in step.inputs:
             if inp not in seen: raise _spec_error(path, f"{where} ('{step.name}'): input '{inp}' is not an earlier step; earlier: {seen}")
@@ -89,7 +93,12 @@ def spec_from_dict(raw: dict, path: Path | str) -> Spec:
         steps.append(step); seen.append(step.name)
     if not steps: raise _spec_error(path, "no steps")
     if any(s.foreach == "models" for s in steps) and not models: raise _spec_error(path, "a step runs foreach: models but no models are declared")
-    return Spec(path, params, models, steps, acceptance)
+    return Spec(path, params, models, steps, acceptance, release)
+
+def _release(block, where: str) -> dict:
+    "The release block checked and completed by `cd4ml.release.release_config`."
+    from cd4ml.release import release_config
+    return release_config(block, where)
 
 def _acceptance(block, where: str) -> dict:
     "The acceptance block checked and completed by `cd4ml.gates.acceptance_config`."
@@ -109,7 +118,7 @@ def load_spec(path: Path | str = "pipeline.yaml") -> Spec:
         raise Cd4mlError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}")
     return spec_from_dict(raw, path)
 
-# %% ../nbs/21_pipeline.ipynb #ebfa7ee0
+# %% ../nbs/21_pipeline.ipynb #2a8b0331
 def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b=1'` → `(['a', 'b'], 1)`; the value is parsed as a YAML scalar."
     key, sep, value = text.partition("=")
@@ -128,7 +137,7 @@ def apply_overrides(spec: Spec,              # the spec as loaded
                     catalog: dict | None = None, # model name → default params (default: `cd4ml.models.CANDIDATES`)
                    ) -> Spec:
     "A copy of `spec` with `-p` overrides applied and every param, model and engine checked."
-    params, models, acceptance = copy.deepcopy(spec.params), copy.deepcopy(spec.models), dict(spec.acceptance)
+    params, models, acceptance, release = copy.deepcopy(spec.params), copy.deepcopy(spec.models), dict(spec.acceptance), dict(spec.release)
     for text in overrides:
         keys, value = parse_override(text)
         if keys == ["models"]:
@@ -146,6 +155,11 @@ def apply_overrides(spec: Spec,              # the spec as loaded
                 raise Cd4mlError(f"-p {text}: unknown acceptance key '{'.'.join(keys[1:])}'; known: {sorted(spec.acceptance)}")
             acceptance[keys[1]] = value
             _acceptance(acceptance, f"-p {text}")
+        elif keys[0] == "release" and spec.release:
+            if len(keys) != 2 or keys[1] not in spec.release:
+                raise Cd4mlError(f"-p {text}: unknown release key '{'.'.join(keys[1:])}'; known: {sorted(spec.release)}")
+            release[keys[1]] = value
+            _release(release, f"-p {text}")
         else:
             node = params
             for i, k in enumerate(keys):
@@ -154,13 +168,16 @@ def apply_overrides(spec: Spec,              # the spec as loaded
                     raise Cd4mlError(f"-p {text}: unknown parameter '{'.'.join(keys[:i+1])}'; known: {known}")
                 if i < len(keys) - 1: node = node[k]
                 else: node[k] = value
-    return check(Spec(spec.path, params, models, spec.steps, acceptance), catalog)
+    return check(Spec(spec.path, params, models, spec.steps, acceptance, release), catalog)
 
 def check(spec: Spec, catalog: dict | None = None) -> Spec:
     "`spec` with model params completed from the library defaults; raises on unknown models, params or engines."
     engine = spec.params.get("engine", "pandas")
     if engine not in ENGINES: raise Cd4mlError(f"engine '{engine}' is unknown; choose one of {sorted(ENGINES)}")
     if not ENGINES[engine]: raise Cd4mlError(f"engine '{engine}' is not available yet; use engine=pandas")
+    if "training" in spec.params:
+        from cd4ml.scale import training_config
+        training_config(spec.params["training"])
     known = catalog if catalog is not None else _catalog()
     models = {}
     for name, params in spec.models.items():
@@ -168,7 +185,7 @@ def check(spec: Spec, catalog: dict | None = None) -> Spec:
         bad = sorted(set(params) - set(known[name]))
         if bad: raise Cd4mlError(f"model '{name}': unknown parameter(s) {bad}; known: {sorted(known[name])}")
         models[name] = {**known[name], **params}
-    return Spec(spec.path, spec.params, models, spec.steps, spec.acceptance)
+    return Spec(spec.path, spec.params, models, spec.steps, spec.acceptance, spec.release)
 
 # %% ../nbs/21_pipeline.ipynb #adbc4202
 def notebook_hash(path: Path | str) -> str:
@@ -455,7 +472,7 @@ def step_outputs(records: list[dict], name: str) -> Path:
     "The cache folder holding execution `name`'s outputs."
     return cache_root()/next(r["key"] for r in records if r["name"] == name)
 
-# %% ../nbs/21_pipeline.ipynb #42a076aa
+# %% ../nbs/21_pipeline.ipynb #ccdf69fd
 def flatten(d: dict, prefix: str = "") -> dict:
     "`{'a': {'b': 1}}` → `{'a.b': 1}`."
     out = {}
@@ -471,7 +488,7 @@ class _Tracker:
     "MLflow logging for one pipeline run; every call happens in the main thread."
     def __init__(self, spec: Spec, run_dir: Path, hashes: dict):
         self.spec, self.run_dir, self.hashes = spec, run_dir, hashes
-        self.dataset, self.candidates, self.evaluation, self.gates, self.registered = None, {}, None, None, None
+        self.dataset, self.candidates, self.evaluation, self.gates, self.registered, self.release = None, {}, None, None, None, None
 
     def done(self, ex: Execution, manifest: dict | None, cached: bool):
         import mlflow
@@ -496,6 +513,12 @@ class _Tracker:
         if (out/"registered.json").exists():
             self.registered = _read_json(out/"registered.json")
             if self.registered: mlflow.set_tag("cd4ml.registered_version", f"{self.registered['name']}/{self.registered['version']}")
+        if (out/"release.json").exists():
+            self.release = _read_json(out/"release.json")
+            mlflow.log_artifact(str(out/"release.json"), "release")
+            if (out/"server.log").exists(): mlflow.log_artifact(str(out/"server.log"), "release")
+            mlflow.set_tag("cd4ml.release", self.release["status"])
+            mlflow.log_metrics({f"release.{k}": v for k, v in self.release.get("measured", {}).items() if isinstance(v, (int, float))})
 
     def runtime(self, ex: Execution, parent_run_id: str) -> dict:
         "The run-specific params `ex`'s notebook declares: `candidates` and `parent_run_id`."
@@ -595,7 +618,8 @@ def up_to_date(spec: Spec) -> dict | None:
 def summary(run_id: str, tracker: _Tracker, records: list[dict]) -> dict:
     "The run summary printed by `cd4ml run` (and as JSON with `--json`)."
     candidates = [tracker.candidates[m] for m in tracker.spec.models if m in tracker.candidates]
-    ev = tracker.evaluation or {}
+    ev, release = tracker.evaluation or {}, tracker.release
+    release_aliases = {"aliases": release["aliases"]} if release and release.get("version") else {}   # after the release step's decision
     best = ev.get("best") or (min(({"model": c["model"], "metrics": c["metrics"]} for c in candidates),
                                   key=lambda b: b["metrics"].get("nwrmsle", float("inf"))) if candidates else None)
     if best and best["model"] in tracker.candidates:
@@ -608,11 +632,12 @@ def summary(run_id: str, tracker: _Tracker, records: list[dict]) -> dict:
             "oracle_nwrmsle": ev.get("oracle_nwrmsle"),
             "gated": {k: tracker.gates[k] for k in ("model", "run_id", "champion")} if tracker.gates else None,
             "gates": tracker.gates["gates"] if tracker.gates else [],
-            "registered": {k: tracker.registered[k] for k in ("name", "version", "aliases")} if tracker.registered else None}
+            "registered": {k: tracker.registered[k] for k in ("name", "version", "aliases")} | release_aliases if tracker.registered else None,
+            "release": {k: v for k, v in release.items() if k != "latencies_ms"} if release else None}
 
 def failed_gates(result: dict) -> list[dict]:
-    "The failed rows of a run summary's gate table."
-    return [g for g in result.get("gates") or [] if g["result"] != "pass"]
+    "The failed rows of a run summary's gate table and of its release gates."
+    return [g for g in (result.get("gates") or []) + ((result.get("release") or {}).get("gates") or []) if g["result"] != "pass"]
 
 def check_gates(result: dict):
     "Raise a `Cd4mlError` naming every failed gate of a run summary, with its value and threshold."
@@ -621,8 +646,12 @@ def check_gates(result: dict):
     champion = gated.get("champion")
     raise_if_failed(gates_from_table(result.get("gates") or []), f"candidate {gated.get('model')} (run {gated.get('run_id')})",
                     f"; the champion is still {'version ' + champion if champion else 'none'} and the run is tagged status=rejected")
+    release = result.get("release") or {}
+    raise_if_failed(gates_from_table(release.get("gates") or []), f"the release of {release.get('name')} version {release.get('version')}",
+                    f"; the champion is still {'version ' + str(release['champion']) if release.get('champion') else 'none'} "
+                    f"and version {release.get('version')} is tagged status=release_failed")
 
-# %% ../nbs/21_pipeline.ipynb #65110e96
+# %% ../nbs/21_pipeline.ipynb #680057c1
 TOLERANCE = 1e-12
 
 def _close(a, b) -> bool:
@@ -671,7 +700,7 @@ def reproduce(run_id: str, jobs: int | None = None, quiet: bool = False) -> dict
     spec = spec_from_dict(recorded["spec"], recorded["spec_path"])
     problems = code_differences(recorded, run, spec)
     skipped = [s.name for s in spec.steps if not s.cache]     # gate, register: they depend on the registry's state, not the run's
-    spec = Spec(spec.path, spec.params, spec.models, [s for s in spec.steps if s.cache], spec.acceptance)
+    spec = Spec(spec.path, spec.params, spec.models, [s for s in spec.steps if s.cache], spec.acceptance, spec.release)
     dataset = run.data.tags.get("cd4ml.dataset")
     if spec.params.get("dataset"):
         from cd4ml.datasets import data_root

@@ -185,7 +185,8 @@ def test_bad_params_fail_before_running(base, env, project, monkeypatch):
     for args, message in [(["-p", "colour=red"], "unknown parameter 'colour'"),
                           (["-p", "models=ridge,xgboost"], "unknown model(s) ['xgboost']"),
                           (["-p", "models.ridge.depth=3"], "model 'ridge': unknown parameter(s) ['depth']"),
-                          (["-p", "engine=dask"], "engine 'dask' is not available yet"),
+                          (["-p", "engine=spark"], "engine 'spark' is unknown"),
+                          (["-p", "training.sample_fraction=2"], "training.sample_fraction = 2"),
                           (["-p", "days"], "is not key=value")]:
         r = CliRunner().invoke(app, ["run", str(project), *args])
         assert r.exit_code == 2, (args, r.output)

@@ -18,8 +18,8 @@ from test_pipeline import TINY, cd4ml, copy_project
 
 
 def run(spec, *args, env=None):
-    "`cd4ml run --json` on tiny data: (exit code, parsed stdout or None, stderr on one line)."
-    r = cd4ml("run", spec, *TINY, *args, "--json", env=env)
+    "`cd4ml run --json` on tiny data, the Bento release skipped (see test_release.py): (exit code, parsed stdout or None, stderr on one line)."
+    r = cd4ml("run", spec, *TINY, "-p", "release.bento=false", *args, "--json", env=env)
     return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None), " ".join(r.stderr.split())
 
 
@@ -84,7 +84,8 @@ def first(env, project):
 
 
 def test_first_run_registers_champion(first, env, models):
-    assert [s["name"] for s in first["steps"]][-3:] == ["evaluate", "gate", "register"]
+    assert [s["name"] for s in first["steps"]][-4:] == ["evaluate", "gate", "register", "release"]
+    assert (first["release"]["status"], first["release"]["promoted"]) == ("skipped", True)   # registered as challenger, then promoted
     assert [(g["gate"], g["result"]) for g in first["gates"]] == [
         ("max_nwrmsle", "pass"), ("min_improvement_vs_baseline", "pass"), ("max_regression_vs_champion", "pass"),
         ("max_segment_ratio", "pass"), ("contract", "pass")]
@@ -133,7 +134,7 @@ def test_failing_gate_rejects_and_keeps_champion(first, env, project, models, ov
     rc, out, err = run(project, "-p", override, env=env)
     assert rc != 0
     assert [g["gate"] for g in out["gates"] if g["result"] == "fail"] == [failing]
-    assert out["registered"] is None
+    assert out["registered"] is None and out["release"]["status"] == "nothing_registered"
     g = gate(out, failing)
     assert f"rejected by 1 gate(s): {failing} {g['value']:.4g} vs threshold {g['threshold']:.4g}" in err, err
     assert "nothing was promoted" in err and "the champion is still version 1" in err
