@@ -14,12 +14,12 @@ import pandas as pd
 from .core import Cd4mlError
 
 # %% auto #0
-__all__ = ['ACCEPTANCE_DEFAULTS', 'SEGMENTS', 'acceptance_config', 'GateResult', 'gate_table', 'gates_from_table',
-           'raise_if_failed', 'threshold_gates', 'with_attributes', 'segment_errors', 'fairness_gate', 'schema_of',
-           'contract_gate', 'all_gates', 'partial_dependence', 'plot_segment_errors', 'plot_importance',
-           'plot_partial_dependence']
+__all__ = ['ACCEPTANCE_DEFAULTS', 'SEGMENTS', 'checked_block', 'is_number', 'acceptance_config', 'GateResult', 'gate_table',
+           'gates_from_table', 'raise_if_failed', 'threshold_gates', 'with_attributes', 'segment_errors',
+           'fairness_gate', 'schema_of', 'contract_gate', 'all_gates', 'partial_dependence', 'plot_segment_errors',
+           'plot_importance', 'plot_partial_dependence']
 
-# %% ../nbs/30_gates.ipynb #6bfe889e
+# %% ../nbs/30_gates.ipynb #6a0df290
 ACCEPTANCE_DEFAULTS = {
     "max_nwrmsle": 1.0,                  # ceiling on the candidate's holdout NWRMSLE
     "min_improvement_vs_baseline": 0.0,  # required relative gain over the moving-average baseline: 1 - model/baseline
@@ -29,19 +29,30 @@ ACCEPTANCE_DEFAULTS = {
     "auto_promote": True,                # a candidate that passes becomes champion at once (else stays challenger)
 }
 
+def checked_block(block: dict | None,  # a config block as read from YAML (None: empty)
+                  defaults: dict,       # every known key with its default
+                  where: str,           # named in error messages
+                  valid,                # (key, value) -> bool
+                 ) -> dict:
+    "`defaults` overridden by `block`; unknown keys and values `valid` refuses are errors naming key and value."
+    block = dict(block or {})
+    unknown = sorted(set(block) - set(defaults))
+    if unknown: raise Cd4mlError(f"{where}: unknown key(s) {unknown}; known keys: {list(defaults)}")
+    for key, value in block.items():
+        if not valid(key, value): raise Cd4mlError(f"{where}: '{key}' = {value!r} is not valid; expected something like {defaults[key]!r}")
+    return {**defaults, **block}
+
+def is_number(value) -> bool: return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
 def acceptance_config(acceptance: dict | None = None,        # the `acceptance:` block as read from YAML
                       where: str = "pipeline.yaml acceptance", # named in error messages
                      ) -> dict:
     "`ACCEPTANCE_DEFAULTS` overridden by `acceptance`, with unknown keys and wrong types as errors."
-    acceptance = dict(acceptance or {})
-    unknown = sorted(set(acceptance) - set(ACCEPTANCE_DEFAULTS))
-    if unknown: raise Cd4mlError(f"{where}: unknown key(s) {unknown}; known keys: {list(ACCEPTANCE_DEFAULTS)}")
-    for key, value in acceptance.items():
-        if key == "auto_promote": ok = isinstance(value, bool)
-        elif key == "min_segment_rows": ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        else: ok = value is None or (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value))
-        if not ok: raise Cd4mlError(f"{where}: '{key}' = {value!r} is not valid; expected something like {ACCEPTANCE_DEFAULTS[key]!r}")
-    return {**ACCEPTANCE_DEFAULTS, **acceptance}
+    def valid(key, value):
+        if key == "auto_promote": return isinstance(value, bool)
+        if key == "min_segment_rows": return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return value is None or is_number(value)
+    return checked_block(acceptance, ACCEPTANCE_DEFAULTS, where, valid)
 
 # %% ../nbs/30_gates.ipynb #5597715d
 @dataclass
