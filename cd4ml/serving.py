@@ -224,7 +224,7 @@ def check_rows(frame, catalog: Catalog):
                          f"day from {catalog.history_end.date()} ({', '.join(d.date().isoformat() for d in dates)})")
     return frame
 
-# %% ../nbs/40_serving.ipynb #92c9ab55
+# %% ../nbs/40_serving.ipynb #2e139dfe
 def _row_keys(frame) -> list[tuple]:
     "A hashable key per request row (a frame or `Rows`): (store, item, date as int64 ns, promotion)."
     return list(zip(frame.store_nbr.tolist(), frame.item_nbr.tolist(),
@@ -237,14 +237,14 @@ class Forecaster:
                  version: str,                 # the model version, reported with every prediction
                  info: dict | None = None,     # facts shown by /info: run id, dataset version, git sha...
                  max_horizon: int = 16,        # days after the history end that may be forecast
-                 cache_rows: int = 500_000):   # most feature rows kept; the cache is emptied when full
+                 cache_rows: int = 500_000):   # most rows (features and prediction) kept; the cache is emptied when full
         self.model, self.data, self.version, self.info = model, data, str(version), dict(info or {})
         tables = features.tables_of(data)
         self.sales = tables["sales"]
         self.origin = pd.Timestamp(self.sales.date.max())
         step = features.period_of(features.freq_of(data)).days
         self.catalog = Catalog(tables["stores"], tables["items"], self.origin, max_horizon, step)
-        self.cache_rows, self._cache, self._lock = cache_rows, {}, threading.Lock()
+        self.cache_rows, self._cache, self._predicted, self._lock = cache_rows, {}, {}, threading.Lock()
 
     def series_rows(self, pairs: pd.DataFrame) -> pd.DataFrame:
         "Every forecastable row (each day of the horizon, with and without promotion) of store-item `pairs`."
@@ -255,14 +255,16 @@ class Forecaster:
                              "item_nbr": np.repeat(pairs.item_nbr.to_numpy().astype("int64"), len(dates) * 2),
                              "onpromotion": np.tile([False, True], n // 2)})
 
-    def _compute(self, rows: pd.DataFrame) -> dict:
-        "Features of `rows` by row key, computed by `features_for`, and kept in the cache."
+    def _compute(self, rows: pd.DataFrame) -> tuple[dict, dict]:
+        "Features (by `features_for`) and predictions (one model call) of `rows` by row key, kept in the cache."
         rows = rows.drop_duplicates().reset_index(drop=True)
-        computed = features.features_for(self.data, rows, self.origin)[features.FEATURES].to_numpy("float64")
-        fresh = dict(zip(_row_keys(rows), computed))
+        computed = features.features_for(self.data, rows, self.origin)[features.FEATURES]
+        predicted = np.asarray(models.predict(self.model, computed), dtype="float64")
+        keys = _row_keys(rows)
+        fresh = dict(zip(keys, computed.to_numpy("float64"))), dict(zip(keys, predicted.tolist()))
         with self._lock:
-            if len(self._cache) + len(fresh) > self.cache_rows: self._cache.clear()
-            self._cache.update(fresh)
+            if len(self._cache) + len(keys) > self.cache_rows: self._cache.clear(); self._predicted.clear()
+            self._cache.update(fresh[0]); self._predicted.update(fresh[1])
         return fresh
 
     def warm(self, chunk_series: int = 2000) -> int:
@@ -272,23 +274,28 @@ class Forecaster:
         for start in range(0, len(pairs), chunk_series): self._compute(self.series_rows(pairs.iloc[start:start + chunk_series]))
         return len(self._cache)
 
-    def feature_matrix(self, frame) -> np.ndarray:
-        "The `FEATURES` of typed request rows (a frame or `Rows`) as one float array, from the cache where possible."
+    def _lookup(self, frame, which: int) -> list:
+        "Cached features (`which` 0) or predictions (1) of typed request rows; missing rows are computed first."
         keys = _row_keys(frame)
-        with self._lock: found = [self._cache.get(k) for k in keys]
+        table = (self._cache, self._predicted)[which]
+        with self._lock: found = [table.get(k) for k in keys]
         if any(f is None for f in found):   # compute the missing rows' whole series at once: their next requests will be hits
             todo = Rows.of(frame)[np.array([f is None for f in found])].to_frame()
-            fresh = self._compute(pd.concat([todo, self.series_rows(todo[["store_nbr", "item_nbr"]].drop_duplicates())]))
+            fresh = self._compute(pd.concat([todo, self.series_rows(todo[["store_nbr", "item_nbr"]].drop_duplicates())]))[which]
             found = [fresh[k] if f is None else f for k, f in zip(keys, found)]
-        return np.vstack(found)
+        return found
+
+    def feature_matrix(self, frame) -> np.ndarray:
+        "The `FEATURES` of typed request rows (a frame or `Rows`) as one float array, from the cache where possible."
+        return np.vstack(self._lookup(frame, 0))
 
     def features(self, frame) -> pd.DataFrame:
         "`features_for` of typed request rows, from the cache where possible."
         return pd.DataFrame(self.feature_matrix(frame), columns=features.FEATURES)
 
     def predict(self, frame) -> np.ndarray:
-        "Predicted units (>= 0) for typed, checked request rows (a frame or `Rows`): one model call for all of them."
-        return np.asarray(models.predict(self.model, self.features(frame)), dtype="float64")
+        "Predicted units (>= 0) for typed, checked request rows (a frame or `Rows`), from the forecast cache where possible."
+        return np.asarray(self._lookup(frame, 1), dtype="float64")
 
     def recent(self, store_nbr: int, item_nbr: int, days: int = 56) -> pd.DataFrame:
         "Unit sales of one store-item per period over the last `days` of history (absent periods are 0)."
