@@ -38,7 +38,7 @@ nbtest: install
 	$(BIN)/nbdev_test --n_workers 2
 
 pytest: install
-	@$(BIN)/python -m pytest tests; rc=$$?; \
+	@$(BIN)/python -m pytest tests --durations=12; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here, not a pass" >&2; exit 1; fi; exit $$rc
 
 lab: install ## open JupyterLab on nbs/

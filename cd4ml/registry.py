@@ -235,7 +235,7 @@ def register_or_reject(run_id: str, model_uri: str, gates: list[GateResult], acc
     record_rejected(run_id, gates)
     raise_if_failed(gates, f"candidate run {run_id}")
 
-# %% ../nbs/31_registry.ipynb #60b69832
+# %% ../nbs/31_registry.ipynb #9b465528
 def stored_recheck(candidate: dict,       # the version to promote (see `describe_version`)
                    current: dict | None,  # the current champion, None if there is none
                   ) -> list[GateResult]:
@@ -279,6 +279,9 @@ def promote(version,                      # the version to make champion
         hist = _history(c, rm)
         if hist and hist[-1] == version: raise Cd4mlError(f"version {version} is already the champion of '{name}'")
         candidate = _record(mv, _aliases(rm).get(version, []))
+        if candidate["status"] == "release_failed" and not force:
+            raise Cd4mlError(f"version {version} failed its release ({(mv.tags or {}).get('release_failed', 'see its tags')}); "
+                             "fix and re-run the pipeline, or pass --force to promote it anyway (recorded)")
         results = [] if force else (recheck or stored_recheck)(candidate, describe_version(hist[-1], name) if hist else None)
         raise_if_failed(results, f"version {version}", "; pass --force to promote anyway (recorded)")
         if force: c.set_model_version_tag(name, version, "promotion_forced", _now())
