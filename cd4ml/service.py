@@ -24,7 +24,7 @@ from .serving import (INT_RANGE, Deployment, Forecaster, LiveAccuracy, MicroBatc
                            check_known, check_rows, load_deployment, parse_columns, parse_feedback, record_feedback, record_rejection,
                            rejection_log)
 
-# %% ../nbs/41_service.ipynb #5296094a
+# %% ../nbs/41_service.ipynb #012fc20a
 CONFIG = ServeConfig.from_env()
 PACKAGE = Path(cd4ml.__file__).resolve().parent
 STATIC = PACKAGE/"static"
@@ -57,6 +57,8 @@ class FeedbackRow(BaseModel):
     store_nbr: StrictInt = Field(ge=INT_RANGE[0], le=INT_RANGE[1], description="a store of the catalog")
     item_nbr: StrictInt = Field(ge=INT_RANGE[0], le=INT_RANGE[1], description="an item of the catalog")
     unit_sales: float = Field(description="units (or kg) sold that day; negative for returns")
+    onpromotion: StrictBool | None = Field(None, description="whether the item was on promotion that day (optional; "
+                                                              "retraining uses it for days nobody asked a forecast for)")
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example":

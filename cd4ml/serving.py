@@ -17,11 +17,11 @@ from .datasets import Dataset, load_dataset
 from . import features, models
 
 # %% auto #0
-__all__ = ['ENV_PREFIX', 'ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'MODEL_NAME', 'ServeConfig', 'RequestError', 'Rows',
-           'parse_columns', 'parse_rows', 'Catalog', 'check_rows', 'Forecaster', 'canary_bucket', 'route',
-           'PredictionLog', 'read_log', 'parse_feedback', 'check_known', 'feedback_log', 'rejection_log',
-           'record_feedback', 'record_rejection', 'read_feedback', 'read_rejections', 'LiveAccuracy', 'Deployment',
-           'MicroBatcher', 'resolve_model', 'dataset_of', 'load_forecaster', 'load_deployment', 'predict']
+__all__ = ['ENV_PREFIX', 'ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'FEEDBACK_OPTIONAL', 'MODEL_NAME', 'ServeConfig',
+           'RequestError', 'Rows', 'parse_columns', 'parse_rows', 'Catalog', 'check_rows', 'Forecaster',
+           'canary_bucket', 'route', 'PredictionLog', 'read_log', 'parse_feedback', 'check_known', 'feedback_log',
+           'rejection_log', 'record_feedback', 'record_rejection', 'read_feedback', 'read_rejections', 'LiveAccuracy',
+           'Deployment', 'MicroBatcher', 'resolve_model', 'dataset_of', 'load_forecaster', 'load_deployment', 'predict']
 
 # %% ../nbs/40_serving.ipynb #9fdf409c
 ENV_PREFIX = "CD4ML_"
@@ -75,7 +75,7 @@ def _parse_env(name: str, raw: str, kind: str):
     except ValueError:
         raise Cd4mlError(f"environment variable {name}={raw!r} is not a valid {kind.split()[0]}") from None
 
-# %% ../nbs/40_serving.ipynb #2bbf5321
+# %% ../nbs/40_serving.ipynb #e21b17e6
 ROW_FIELDS = ("date", "store_nbr", "item_nbr", "onpromotion")
 
 class RequestError(Cd4mlError):
@@ -110,16 +110,16 @@ def _as_date(v, where: str) -> np.datetime64:
     except (ValueError, OverflowError): raise bad from None   # not a date, or beyond what datetime64[ns] holds
     raise bad
 
-def _checked_rows(rows, fields, max_rows: int):
-    "Yield `(i, row)` of a request's rows once the list, each row's fields and its store/item ids are well formed."
+def _checked_rows(rows, fields, max_rows: int, optional=()):
+    "Yield `(i, row)` of a request's rows once the list, each row's fields (all of `fields`, any of `optional`) and its store/item ids are well formed."
     if not isinstance(rows, (list, tuple)): raise RequestError(f"rows must be a list of rows; got {type(rows).__name__}", "rows", rows)
     if not rows: raise RequestError("rows is empty: send at least one row", "rows", [])
     if len(rows) > max_rows:
         raise RequestError(f"rows has {len(rows)} rows; at most {max_rows} per request", "rows", len(rows), status=413)
     for i, row in enumerate(rows):
         if not isinstance(row, dict): raise RequestError(f"rows[{i}] must be an object; got {row!r}", f"rows[{i}]", row)
-        extra = [k for k in row if k not in fields]
-        if extra: raise RequestError(f"rows[{i}].{extra[0]} is not a known field; expected {list(fields)}",
+        extra = [k for k in row if k not in fields and k not in optional]
+        if extra: raise RequestError(f"rows[{i}].{extra[0]} is not a known field; expected {list(fields) + list(optional)}",
                                      f"rows[{i}].{extra[0]}", row[extra[0]])
         for name in fields:
             if name not in row: raise RequestError(f"rows[{i}].{name} is missing", f"rows[{i}].{name}", None)
@@ -377,20 +377,26 @@ def read_log(folder: Path | str | None = None) -> list[dict]:
     "Every logged request under `folder` (default `CD4ML_HOME/predictions`), oldest first."
     return [json.loads(line) for p in PredictionLog(folder).files() for line in p.read_text().splitlines() if line]
 
-# %% ../nbs/40_serving.ipynb #dae0c7a6
+# %% ../nbs/40_serving.ipynb #45b37726
 FEEDBACK_FIELDS = ("date", "store_nbr", "item_nbr", "unit_sales")
+FEEDBACK_OPTIONAL = ("onpromotion",)   # whether the item was on promotion that day: retraining needs it for unrequested rows
 
 def parse_feedback(rows, max_rows: int = 10_000) -> pd.DataFrame:
-    "Feedback rows `{date, store_nbr, item_nbr, unit_sales}` as a typed frame; a `RequestError` naming the first bad field."
-    out = {name: [] for name in FEEDBACK_FIELDS}
-    for i, row in _checked_rows(rows, FEEDBACK_FIELDS, max_rows):
-        units = row["unit_sales"]
+    """Feedback rows `{date, store_nbr, item_nbr, unit_sales[, onpromotion]}` as a typed frame (`onpromotion` a nullable
+    boolean column when any row has it); a `RequestError` naming the first bad field."""
+    out = {name: [] for name in FEEDBACK_FIELDS + FEEDBACK_OPTIONAL}
+    for i, row in _checked_rows(rows, FEEDBACK_FIELDS, max_rows, FEEDBACK_OPTIONAL):
+        units, promo = row["unit_sales"], row.get("onpromotion")
         if isinstance(units, (bool, np.bool_)) or not isinstance(units, (int, float, np.number)) or not np.isfinite(units):
             raise RequestError(f"rows[{i}].unit_sales must be a finite number; got {units!r}", f"rows[{i}].unit_sales", units)
+        if promo is not None and not isinstance(promo, (bool, np.bool_)):
+            raise RequestError(f"rows[{i}].onpromotion must be true, false or absent; got {promo!r}", f"rows[{i}].onpromotion", promo)
         out["date"].append(_as_date(row["date"], f"rows[{i}].date"))
-        for name in ("store_nbr", "item_nbr", "unit_sales"): out[name].append(row[name])
-    return pd.DataFrame({"date": np.array(out["date"], dtype="datetime64[ns]"), "store_nbr": np.array(out["store_nbr"], dtype="int64"),
-                         "item_nbr": np.array(out["item_nbr"], dtype="int64"), "unit_sales": np.array(out["unit_sales"], dtype=float)})
+        for name in ("store_nbr", "item_nbr", "unit_sales", "onpromotion"): out[name].append(row.get(name))
+    frame = pd.DataFrame({"date": np.array(out["date"], dtype="datetime64[ns]"), "store_nbr": np.array(out["store_nbr"], dtype="int64"),
+                          "item_nbr": np.array(out["item_nbr"], dtype="int64"), "unit_sales": np.array(out["unit_sales"], dtype=float)})
+    if any(p is not None for p in out["onpromotion"]): frame["onpromotion"] = pd.array(out["onpromotion"], dtype="boolean")
+    return frame
 
 def check_known(frame: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
     "`frame` if every store and item is in the catalog, else a 422 `RequestError` for the first that isn't."
@@ -416,7 +422,8 @@ def record_feedback(frame: pd.DataFrame, log: PredictionLog | None = None, feedb
     record = {"feedback_id": feedback_id, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
               "rows": {"date": np.datetime_as_string(frame.date.to_numpy(), unit="D").tolist(),
                        "store_nbr": frame.store_nbr.tolist(), "item_nbr": frame.item_nbr.tolist(),
-                       "unit_sales": frame.unit_sales.tolist()}}
+                       "unit_sales": frame.unit_sales.tolist(),
+                       **({"onpromotion": [None if pd.isna(p) else bool(p) for p in frame.onpromotion]} if "onpromotion" in frame else {})}}
     (log or feedback_log()).append(record)
     if live is not None: live.add_feedback(record)
     return {"feedback_id": feedback_id, "rows": len(frame)}

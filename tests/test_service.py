@@ -89,14 +89,16 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served):
     base, home = served["base"], served["home"]
     rows = request_rows(served["dataset"], 300, seed=13)
     assert post(base, as_json_rows(rows)).status_code == 200
-    def actuals(frame, units):
-        return [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u)}
-                for d, s, i, u in zip(frame.date, frame.store_nbr, frame.item_nbr, units)]
+    def actuals(frame, units, promo=False):    # promo: also send the optional promotion flag
+        return [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u),
+                 **({"onpromotion": bool(p)} if promo else {})}
+                for d, s, i, u, p in zip(frame.date, frame.store_nbr, frame.item_nbr, units, frame.onpromotion)]
     first = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[:200], np.arange(200) % 7)}, timeout=60)
     assert first.status_code == 200, first.text
     assert post(base, as_json_rows(rows.iloc[150:250])).status_code == 200        # asked again after their actuals
-    second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25)}, timeout=60)
+    second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25, promo=True)}, timeout=60)
     assert second.status_code == 200, second.text                                 # 100 actuals replaced
+    assert read_feedback(home/"feedback")[-1]["rows"]["onpromotion"] == rows.onpromotion.iloc[100:300].tolist()   # kept for retraining
     live = second.json()["live"]
     full = monitor.live_metrics(monitor.join_feedback(monitor.served_frame(read_log(home/"predictions")),
                                                       monitor.feedback_frame(read_feedback(home/"feedback"))),
