@@ -5,6 +5,7 @@ One module-scoped pipeline run (`base`) is shared; tests that change step notebo
 the project so they do not disturb the others (the cache and MLflow store are shared, as in real use).
 """
 import json, math, os, shutil, subprocess, sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -46,15 +47,19 @@ def cached(result) -> dict:
     return {s["name"]: s["cached"] for s in result["steps"]}
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    "Environment for the CLI: a fresh CD4ML_HOME, the default SQLite MLflow store inside it."
-    home = tmp_path_factory.mktemp("pipeline")/"cd4ml-home"
+@contextmanager
+def cli_workspace(home: Path):
+    "Environment for the CLI with CD4ML_HOME=`home` and its default SQLite MLflow store; this process's MLflow points there too."
     e = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     e["CD4ML_HOME"] = str(home)
-    mlflow.set_tracking_uri(f"sqlite:///{home/'mlflow.db'}")
-    yield e
-    mlflow.set_tracking_uri("")
+    mlflow.set_tracking_uri(f"sqlite:///{home/'mlflow.db'}"); mlflow.set_registry_uri(f"sqlite:///{home/'mlflow.db'}")
+    try: yield e
+    finally: mlflow.set_tracking_uri(""); mlflow.set_registry_uri("")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    with cli_workspace(tmp_path_factory.mktemp("pipeline")/"cd4ml-home") as e: yield e
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from test_pipeline import TINY, cd4ml, copy_project
+from test_pipeline import TINY, cd4ml, cli_workspace, copy_project
 
 
 def run(spec, *args, env=None):
@@ -29,13 +29,7 @@ def gate(result, name) -> dict:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    "A fresh CD4ML_HOME with the default SQLite MLflow store inside it (for the CLI and for this process)."
-    home = tmp_path_factory.mktemp("gates")/"cd4ml-home"
-    e = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    e["CD4ML_HOME"] = str(home)
-    mlflow.set_tracking_uri(f"sqlite:///{home/'mlflow.db'}"); mlflow.set_registry_uri(f"sqlite:///{home/'mlflow.db'}")
-    yield e
-    mlflow.set_tracking_uri(""); mlflow.set_registry_uri("")
+    with cli_workspace(tmp_path_factory.mktemp("gates")/"cd4ml-home") as e: yield e
 
 
 @pytest.fixture(scope="module")
