@@ -1,5 +1,5 @@
-"Repository contracts: workflows are valid GitHub Actions, the Makefile has the targets the README promises."
-import re, subprocess, sys
+"Repository contracts: workflows are valid GitHub Actions, the Makefile has the targets the README promises, float sums are compared with a tolerance."
+import json, re, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +37,33 @@ def test_readme_states_the_two_commands():
 def test_makefile_targets():
     targets = set(re.findall(r"^([a-z-]+):", (ROOT/"Makefile").read_text(), re.M))
     assert {"install", "system-deps", "pipeline", "test", "lab", "ui", "export", "clean-nbs", "bench"} <= targets
+
+FLOAT_REDUCTION = re.compile(r"\.(sum|mean)\(")
+
+def eq_call_arguments(code: str):
+    "The argument text of each `test_eq(...)` call in `code`, up to its matching parenthesis."
+    for m in re.finditer(r"\btest_eq\(", code):
+        depth, i = 1, m.end()
+        while depth and i < len(code):
+            depth += {"(": 1, ")": -1}.get(code[i], 0)
+            i += 1
+        yield code[m.end():i - 1]
+
+def float_sums_compared_exactly(code: str) -> list[str]:
+    "`test_eq` calls comparing a sum or mean: float sums differ in the last bits between CPUs; use test_close."
+    return [f"test_eq({args})" for args in eq_call_arguments(code) if FLOAT_REDUCTION.search(args)]
+
+def test_the_float_lint_catches_a_sum_compared_exactly():
+    assert float_sums_compared_exactly("x = 1\ntest_eq(np.nan_to_num(h.y[0]).sum(), h.y[0, cols].sum())  # note\n") \
+        == ["test_eq(np.nan_to_num(h.y[0]).sum(), h.y[0, cols].sum())"]
+    assert float_sums_compared_exactly("test_eq(len(f(a.mean())), 3); test_close(a.sum(), 1.0)") == ["test_eq(len(f(a.mean())), 3)"]
+    assert float_sums_compared_exactly("test_eq(np.count_nonzero(a > 0), 4); test_close(a.mean(), 2.5)") == []
+
+def code_of(path: Path) -> str:
+    if path.suffix == ".py": return path.read_text()
+    return "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+
+def test_no_float_sum_is_compared_exactly():
+    sources = [*sorted((ROOT/"nbs").rglob("*.ipynb")), *sorted(p for p in (ROOT/"tests").glob("*.py") if p.name != Path(__file__).name)]
+    found = {str(p.relative_to(ROOT)): hits for p in sources if (hits := float_sums_compared_exactly(code_of(p)))}
+    assert not found, f"compare float sums with test_close(a, b, eps=...) or np.testing.assert_allclose, not test_eq: {found}"
