@@ -16,8 +16,8 @@ from .validate import (CHUNK_ROWS, check_mode, content_issues, content_schema, d
                             read_checked, unknown_keys)
 
 # %% auto #0
-__all__ = ['FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MAPPING', 'import_favorita', 'read_truth', 'KeyCoder', 'infer_freq',
-           'import_sales_csv', 'import_path']
+__all__ = ['FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MIN_DATES', 'MAPPING', 'import_favorita', 'read_truth', 'KeyCoder',
+           'infer_freq', 'import_sales_csv', 'import_path']
 
 # %% ../nbs/05_imports.ipynb #0aec8d1c
 def _save(tables: dict, issues: pd.DataFrame, source: str, freq: str, extra: dict | None) -> tuple[Dataset, dict]:
@@ -117,16 +117,23 @@ class KeyCoder:
 
 # %% ../nbs/05_imports.ipynb #e55dfbd6
 FREQS = {"D": 1, "W": 7}
+MIN_DATES = 3   # distinct dates on one weekday before they read as weekly (and of one day of the month as monthly)
 
-def infer_freq(sales: pd.DataFrame, file: str = "the file") -> str:
-    "'D' or 'W' from the median gap (in days) between consecutive dates of each store-item series."
-    s = sales.sort_values(["store_nbr", "item_nbr", "date"])
-    gaps = s.date.diff().dt.days[s.duplicated(["store_nbr", "item_nbr"])]
-    if not len(gaps): raise Cd4mlError(f"{file}: cannot infer the frequency (no series has two dates); pass --freq D or W")
-    median = float(gaps.median())
-    for freq, days in FREQS.items():
-        if median == days: return freq
-    raise Cd4mlError(f"{file}: the median gap between dates of a series is {median:g} days, neither daily nor weekly; pass --freq D or W")
+def infer_freq(sales: pd.DataFrame, # the file's rows; only their dates are read
+               file: str = "the file", # named in the error
+              ) -> str:
+    "'D' or 'W' from the calendar of all dates: several weekdays are daily, one weekday is weekly."
+    dates = pd.DatetimeIndex(sales.date.unique()).sort_values()
+    seen = f"{len(dates)} distinct date(s) " + (", ".join(str(d.date()) for d in dates) if len(dates) <= MIN_DATES
+                                                else f"from {dates[0].date()} to {dates[-1].date()}")
+    if dates.day_of_week.nunique() == 1:
+        if len(dates) >= MIN_DATES: return "W"
+        raise Cd4mlError(f"{file}: cannot tell daily from weekly data: {seen}, all on a {dates[0].day_name()}; pass --freq D or W")
+    if len(dates) >= MIN_DATES and ((dates.day == dates[0].day).all() or dates.is_month_end.all()):
+        day = "the last day" if dates.is_month_end.all() else f"day {dates[0].day}"
+        raise Cd4mlError(f"{file}: {seen}, all on {day} of a month: monthly data is neither daily nor weekly; "
+                         "pass --freq D to read it as daily")
+    return "D"
 
 # %% ../nbs/05_imports.ipynb #fe20c757
 def import_sales_csv(path: Path | str,         # the sales CSV
