@@ -126,7 +126,7 @@ def list_datasets() -> list[dict]:
 def resolve_version(ref: str) -> str:
     "Full version for `ref`: a version, a unique prefix of one, or 'latest'."
     metas = list_datasets()
-    if not metas: raise Cd4mlError("no datasets yet: run `cd4ml data generate` or `cd4ml data import PATH`")
+    if not metas: raise Cd4mlError(f"no dataset version '{ref}': there are no datasets yet; run `cd4ml data generate` or `cd4ml data import PATH`")
     if ref == "latest": return metas[-1]["version"]
     hits = [m["version"] for m in metas if m["version"].startswith(ref) or m["version"] == f"ds-{ref}"]
     if len(hits) == 1: return hits[0]

@@ -140,6 +140,8 @@ def apply_overrides(spec: Spec,              # the spec as loaded
     params, models, acceptance, release = copy.deepcopy(spec.params), copy.deepcopy(spec.models), dict(spec.acceptance), dict(spec.release)
     for text in overrides:
         keys, value = parse_override(text)
+        if keys == ["dataset"] and value in (None, ""):
+            raise Cd4mlError(f"-p {text}: no dataset version given; name one that `cd4ml data list` shows, or leave out -p dataset to generate data")
         if keys == ["models"]:
             names = [n.strip() for n in (value if isinstance(value, list) else str(value).split(",")) if n.strip()]
             unknown = [n for n in names if n not in models]
@@ -171,7 +173,7 @@ def apply_overrides(spec: Spec,              # the spec as loaded
     return check(Spec(spec.path, params, models, spec.steps, acceptance, release), catalog)
 
 def check(spec: Spec, catalog: dict | None = None) -> Spec:
-    "`spec` with model params completed from the library defaults; raises on unknown models, params or engines."
+    "`spec` with model params completed and the dataset pinned to its full version; raises on unknown models, params, engines or datasets."
     engine = spec.params.get("engine", "pandas")
     if engine not in ENGINES: raise Cd4mlError(f"engine '{engine}' is unknown; choose one of {sorted(ENGINES)}")
     if not ENGINES[engine]: raise Cd4mlError(f"engine '{engine}' is not available yet; use engine=pandas")
@@ -185,7 +187,11 @@ def check(spec: Spec, catalog: dict | None = None) -> Spec:
         bad = sorted(set(params) - set(known[name]))
         if bad: raise Cd4mlError(f"model '{name}': unknown parameter(s) {bad}; known: {sorted(known[name])}")
         models[name] = {**known[name], **params}
-    return Spec(spec.path, spec.params, models, spec.steps, spec.acceptance, spec.release)
+    run_params = spec.params
+    if run_params.get("dataset") is not None:
+        from cd4ml.datasets import resolve_version
+        run_params = {**run_params, "dataset": resolve_version(str(run_params["dataset"]))}
+    return Spec(spec.path, run_params, models, spec.steps, spec.acceptance, spec.release)
 
 # %% ../nbs/21_pipeline.ipynb #adbc4202
 def notebook_hash(path: Path | str) -> str:

@@ -1,5 +1,6 @@
 """End to end on imported data, the way a new user starts: order lines of a few shops, where each product sells
-only every few weeks, imported without `--freq`, then the default pipeline (release step on) trained on them."""
+only every few weeks, imported without `--freq`, then the default pipeline (release step on) trained on them.
+And a `-p dataset=` that is empty or names no stored version stops `cd4ml run` before any step runs."""
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -7,9 +8,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
+
+from cd4ml.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 CD4ML = str(Path(sys.executable).parent/"cd4ml")
+TINY = ["-p", "stores=2", "-p", "items=4", "-p", "days=120", "-p", "horizon=7", "-p", "n_train=2", "-p", "n_valid=1",
+        "-p", "models=moving_average"]   # should the check ever let a run through, it stays short
 MAPPING = ["--date-col", "when", "--store-col", "shop", "--item-col", "sku", "--sales-col", "qty", "--promo-col", "promo"]
 
 
@@ -75,3 +81,22 @@ def test_default_pipeline_releases_a_model_of_order_lines(env, imported):
     assert {k: str(v) for k, v in client.get_registered_model("sales").aliases.items()} == {"champion": "1"}
     assert client.get_model_version("sales", "1").tags["dataset_version"] == imported["version"]
 
+
+@pytest.mark.parametrize("value,message", [
+    ("", "-p dataset=: no dataset version given; name one that `cd4ml data list` shows"),
+    ("ds-nope", "no dataset version 'ds-nope': there are no datasets yet; run `cd4ml data generate` or `cd4ml data import PATH`"),
+])
+def test_empty_or_unknown_dataset_fails_before_any_step(workspace, value, message):
+    r = CliRunner().invoke(app, ["run", str(ROOT/"pipeline.yaml"), "-p", f"dataset={value}", *TINY])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert "Traceback" not in r.output
+    assert not [p.name for p in workspace.glob("*") if p.name != "data"]     # no run, cache, log or MLflow store
+
+
+def test_unknown_dataset_among_others_fails_before_any_step(workspace, tmp_path):
+    (tmp_path/"few.csv").write_text("when,shop,sku,qty\n2017-01-02,a,x,1\n2017-01-03,a,x,2\n2017-01-04,b,x,1\n")
+    assert CliRunner().invoke(app, ["data", "import", str(tmp_path/"few.csv"), "--date-col", "when", "--store-col", "shop",
+                                    "--item-col", "sku", "--sales-col", "qty"]).exit_code == 0
+    r = CliRunner().invoke(app, ["run", str(ROOT/"pipeline.yaml"), "-p", "dataset=ds-nope", *TINY])
+    assert r.exit_code == 2 and "no dataset version 'ds-nope'; see `cd4ml data list`" in " ".join(r.output.split()), r.output
+    assert sorted(p.name for p in workspace.glob("*")) == ["data"]
