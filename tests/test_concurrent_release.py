@@ -31,10 +31,11 @@ TINY = ["-p", "stores=2", "-p", "items=6", "-p", "days=200", "-p", "horizon=7", 
 SEEDS = [1, 2, 3]
 
 
-def run_at_once(home: Path, uri: str) -> list[tuple[int, dict | None, str]]:
-    "`cd4ml run` of the project's pipeline.yaml once per seed, all at once, in workspace `home` on the store at `uri`."
-    env = {**os.environ, "CD4ML_HOME": str(home), "MLFLOW_TRACKING_URI": uri}
-    mlflow.MlflowClient(tracking_uri=uri).search_experiments()   # the schema first: see test_postgres.py's module doc
+def run_at_once(home: Path, uri: str | None = None) -> list[tuple[int, dict | None, str]]:
+    "`cd4ml run` of the project's pipeline.yaml once per seed, all at once, in workspace `home` on the store at `uri` (None: its own SQLite file)."
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CD4ML_HOME": str(home)}
+    if uri: env["MLFLOW_TRACKING_URI"] = uri
+    mlflow.MlflowClient(tracking_uri=uri or f"sqlite:///{home/'mlflow.db'}").search_experiments()   # the schema first: see test_postgres.py's module doc
     def one(seed):
         r = subprocess.run([CD4ML, "run", *TINY, "-p", f"seed={seed}", "--json"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=1200)
@@ -44,9 +45,10 @@ def run_at_once(home: Path, uri: str) -> list[tuple[int, dict | None, str]]:
 
 @pytest.fixture(scope="module")
 def sqlite_runs(tmp_path_factory):
+    "The workspace's default store, as `make pipeline` uses it: $CD4ML_HOME/mlflow.db."
     home = tmp_path_factory.mktemp("concurrent-sqlite")/"cd4ml-home"
-    uri = f"sqlite:///{home/'mlflow.db'}"
-    return home, uri, run_at_once(home, uri)
+    home.mkdir()
+    return home, f"sqlite:///{home/'mlflow.db'}", run_at_once(home)
 
 
 @pytest.fixture(scope="module")
