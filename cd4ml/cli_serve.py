@@ -4,7 +4,7 @@
 
 # %% ../nbs/42_cli_serve.ipynb #daaed2d1
 from __future__ import annotations
-import os, subprocess, sys
+import os, subprocess, sys, tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +15,7 @@ from .core import Cd4mlError, workspace
 # cd4ml.serving (sklearn, pandas, mlflow) is imported inside the functions: `cd4ml --help` stays fast
 
 # %% auto #0
-__all__ = ['BENTOFILE', 'server_env', 'check_models', 'serve', 'import_champion', 'build_bento', 'bento']
+__all__ = ['BENTOFILE', 'server_env', 'check_models', 'serve', 'pinned_bentofile', 'import_champion', 'build_bento', 'bento']
 
 # %% ../nbs/42_cli_serve.ipynb #b94b3e9e
 def server_env(config: ServeConfig, source: str = "registry") -> dict[str, str]:
@@ -50,9 +50,18 @@ def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to liste
     argv = [sys.executable, "-m", "bentoml", "serve", "cd4ml.service:Forecast", "--host", host, "--port", str(port)]
     os.execve(sys.executable, argv, server_env(config))
 
-# %% ../nbs/42_cli_serve.ipynb #b6d33381
+# %% ../nbs/42_cli_serve.ipynb #c81484ab
 BENTOFILE = "bentofile.yaml"
 
+def pinned_bentofile(spec: dict,   # bentofile.yaml, as read
+                     model: str,   # the exact BentoML model tag to package, e.g. cd4ml-sales:abc123
+                    ) -> dict:
+    "`spec` packaging exactly `model`, under the alias the service loads (`cd4ml.service.PACKAGED`)."
+    from cd4ml.service import PACKAGED
+    if model.partition(":")[2] in ("", "latest"): raise Cd4mlError(f"a Bento packages an exact model tag; got '{model}'")
+    return {**spec, "models": [{"tag": model, "alias": PACKAGED}]}
+
+# %% ../nbs/42_cli_serve.ipynb #b6d33381
 def import_champion(model_version: str | None = None) -> dict:
     "Import a registry version (default the champion) into the BentoML store as `cd4ml-sales`, history included."
     import bentoml, mlflow
@@ -65,7 +74,7 @@ def import_champion(model_version: str | None = None) -> dict:
     mv = resolve_model(model_version)
     ds = load_dataset(dataset_of(mv))
     history = {name: ds.table(name) for name in ("sales", "items", "stores", "holidays", "oil", "transactions") if name in ds}
-    uri = f"models:/{MODEL_NAME}@champion" if model_version is None else f"models:/{MODEL_NAME}/{mv.version}"
+    uri = f"models:/{MODEL_NAME}/{mv.version}"   # the number resolved above: a promotion meanwhile must not change what is imported
     meta = {"version": str(mv.version), "run_id": mv.run_id, "model_uri": uri, "dataset_version": ds.version}
     model = bentoml.mlflow.import_model(BENTO_MODEL, model_uri=uri, metadata=meta,
                                         labels={"registry_version": str(mv.version), "dataset_version": ds.version},
@@ -73,13 +82,17 @@ def import_champion(model_version: str | None = None) -> dict:
     return {**meta, "bento_model": str(model.tag)}
 
 def build_bento(project: Path | str = ".", model_version: str | None = None) -> dict:
-    "Import the champion, then `bentoml build` the project's `bentofile.yaml`; the Bento's tag and facts."
+    "Import a registry version (default the champion), then `bentoml build` the project's `bentofile.yaml` pinned to that import; the Bento's tag and facts."
+    import yaml
     project = Path(project)
     if not (project/BENTOFILE).exists(): raise Cd4mlError(f"{project/BENTOFILE} not found: run from the project root")
     from cd4ml.serving import ServeConfig
     facts = import_champion(model_version)
-    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", BENTOFILE, "--output", "tag"],
-                         cwd=project, env=server_env(ServeConfig()), capture_output=True, text=True)
+    spec = pinned_bentofile(yaml.safe_load((project/BENTOFILE).read_text()), facts["bento_model"])
+    with tempfile.TemporaryDirectory(prefix="cd4ml-bento-") as tmp:
+        (Path(tmp)/BENTOFILE).write_text(yaml.safe_dump(spec, sort_keys=False))
+        out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", str(Path(tmp)/BENTOFILE), "--output", "tag"],
+                             cwd=project, env=server_env(ServeConfig()), capture_output=True, text=True)
     if out.returncode: raise Cd4mlError(f"bentoml build failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     return {**facts, "bento": tag, "bentoml_home": str(workspace("bentoml"))}

@@ -111,35 +111,66 @@ def _tail(log: Path, chars: int = 1500) -> str:
     text = Path(log).read_text(errors="replace") if Path(log).exists() else ""
     return " | ".join(text[-chars:].strip().splitlines()[-8:])
 
+def _own_home(scratch: Path) -> Path:
+    "A BENTOML_HOME in `scratch` for one server: the workspace's Bento and model stores, linked; the rest its own."
+    home = scratch/"bentoml"
+    home.mkdir()
+    for store in ("bentos", "models"): (home/store).symlink_to(workspace("bentoml", store), target_is_directory=True)
+    return home
+
+def _serves(base: str, tag: str) -> bool:
+    "Whether the server at `base` is ready and is Bento `tag` (BentoML's OpenAPI document names the Bento's version)."
+    import httpx
+    try:
+        if httpx.get(f"{base}/readyz", timeout=2).status_code != 200: return False
+        return httpx.get(f"{base}/docs.json", timeout=10).json()["info"]["version"] == tag.partition(":")[2]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError): return False
+
+def _start(tag: str, port: int, env: dict, log: Path | str) -> subprocess.Popen:
+    "`bentoml serve tag` on loopback `port`, in a process group of its own, its output appended to `log`."
+    with open(log, "a") as out:
+        return subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+def _stop(proc: subprocess.Popen):
+    "Stop `proc`'s process group: SIGTERM, then SIGKILL."
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try: os.killpg(proc.pid, sig)
+        except ProcessLookupError: break
+        try: proc.wait(wait); break
+        except subprocess.TimeoutExpired: pass
+
 @contextmanager
-def bento_server(tag: str,         # the Bento, e.g. cd4ml-forecast:abc123
-                 log: Path | str,  # where the server's output goes
-                 timeout: float = 120, # seconds to wait for /readyz
+def bento_server(tag: str,                 # the Bento, exactly: e.g. cd4ml-forecast:abc123
+                 log: Path | str,          # where the server's output goes
+                 timeout: float = 120,     # seconds to wait for /readyz
+                 port: int | None = None,  # the port to try first (default: a free one)
+                 attempts: int = 3,        # ports tried when the one picked turns out taken
                 ):
     "Serve Bento `tag` on a free loopback port; yields `(base_url, startup_seconds)`; raises `Cd4mlError` if never ready."
-    import httpx
-    port, scratch = _free_port(), tempfile.mkdtemp(prefix="cd4ml-release-")
-    env = {**os.environ, "BENTOML_HOME": str(workspace("bentoml")), "BENTOML_DO_NOT_TRACK": "true", "CD4ML_HOME": scratch}
+    if tag.partition(":")[2] in ("", "latest"): raise Cd4mlError(f"a release serves an exact Bento tag; got '{tag}'")
+    scratch = Path(tempfile.mkdtemp(prefix="cd4ml-release-"))
+    env = {**os.environ, "BENTOML_HOME": str(_own_home(scratch)), "BENTOML_DO_NOT_TRACK": "true", "CD4ML_HOME": str(scratch)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    argv = [sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)]
-    base, started = f"http://127.0.0.1:{port}", time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    Path(log).write_text("")
+    started, proc = time.perf_counter(), None
     try:
-        while True:
-            if proc.poll() is not None: raise Cd4mlError(f"`bentoml serve {tag}` exited with {proc.returncode}: {_tail(log)}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200: break
-            except httpx.HTTPError: pass
-            if time.perf_counter() - started > timeout: raise Cd4mlError(f"`bentoml serve {tag}` not ready after {timeout:g} s: {_tail(log)}")
-            time.sleep(0.25)
+        for attempt in range(attempts):
+            port = port or _free_port()
+            base = f"http://127.0.0.1:{port}"
+            proc = _start(tag, port, env, log)
+            while proc.poll() is None and not _serves(base, tag):
+                if time.perf_counter() - started > timeout: raise Cd4mlError(f"`bentoml serve {tag}` not ready after {timeout:g} s: {_tail(log)}")
+                time.sleep(0.25)
+            if proc.poll() is None: break
+            if "Address already in use" not in _tail(log) or attempt == attempts - 1:
+                raise Cd4mlError(f"`bentoml serve {tag}` exited with {proc.returncode}: {_tail(log)}")
+            _stop(proc)
+            with open(log, "a") as out: out.write(f"\ncd4ml: port {port} is taken; serving on another\n")
+            port = None
         yield base, time.perf_counter() - started
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            try: os.killpg(proc.pid, sig)
-            except ProcessLookupError: break
-            try: proc.wait(wait); break
-            except subprocess.TimeoutExpired: pass
+        if proc is not None: _stop(proc)
         shutil.rmtree(scratch, ignore_errors=True)
 
 # %% ../nbs/43_release.ipynb #4ec2d7a0

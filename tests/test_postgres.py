@@ -21,7 +21,7 @@ from test_pipeline import ROOT, copy_project
 
 CD4ML = str(Path(sys.executable).parent/"cd4ml")
 TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
-        "-p", "models=moving_average,ridge", "-j", "1", "-p", "release.bento=false"]   # the Bento release: test_release.py
+        "-p", "models=moving_average,ridge", "-j", "1", "-p", "release.bento=false"]   # the Bento release: test_release.py, test_concurrent_release.py
 LENIENT = ["-p", "acceptance.max_nwrmsle=10", "-p", "acceptance.min_improvement_vs_baseline=-10",   # runs on any seed register
            "-p", "acceptance.max_regression_vs_champion=10", "-p", "acceptance.max_segment_ratio=100"]
 SEEDS = [11, 12, 13, 14]
@@ -136,6 +136,24 @@ def check_recorded(client: mlflow.MlflowClient, result: dict):
         assert "importance.csv" in {a.path for a in client.list_artifacts(c["run_id"])}   # artifacts readable too
 
 
+def check_promotions(client: mlflow.MlflowClient, new: set[int], history_before: list[str]):
+    """Compare and swap under the store lock, after concurrent runs registered the versions `new`: each promoted
+    version was gated against the champion it replaced (the seeds differ, so no stored re-check could pass across
+    datasets); every other one was declined, with the reason."""
+    model = client.get_registered_model("sales")
+    champion, history = model.aliases["champion"], json.loads(model.tags["cd4ml.champion_history"])
+    assert history[-1] == str(champion) and champion in new                # the registry's pointers agree
+    promoted = history[len(history_before):]
+    assert history[:len(history_before)] == history_before and promoted     # nothing lost from the stack
+    versions = {int(v.version): v for v in client.search_model_versions("name = 'sales'")}
+    for previous, version in zip((history_before[-1:] or [""]) + promoted, promoted):   # "": gated with no champion
+        assert (versions[int(version)].tags.get("champion_at_registration") or "") == previous, (history, version)
+    for v in new - {int(p) for p in promoted}:
+        assert "champion changed" in versions[v].tags["promotion_declined"] and "not comparable" in versions[v].tags["promotion_declined"]
+    log = json.loads(model.tags["cd4ml.champion_log"])
+    assert sorted(e["version"] for e in log if e["action"] == "register" and int(e["version"]) in new) == sorted(map(str, new))
+
+
 def concurrently(project, tmp_path, uri, *args) -> list[dict]:
     "`cd4ml run` in one subprocess per seed, all at once, each in its own workspace, all on the store at `uri`."
     def one(seed): return run(project, cli_env(tmp_path/f"home-{seed}", uri), "-p", f"seed={seed}", *args)
@@ -185,19 +203,7 @@ def test_concurrent_runs_on_postgres(postgres, project, sequential, tmp_path):
     for r in results:
         v = versions[int(r["registered"]["version"])]
         assert v.run_id == r["gated"]["run_id"] and v.tags["dataset_version"] == r["dataset"]
-    champion = client.get_registered_model("sales").aliases["champion"]
-    history = json.loads(client.get_registered_model("sales").tags["cd4ml.champion_history"])
-    assert history[-1] == str(champion) and champion in new                # the registry's pointers agree
-    # compare and swap under the store lock: each promoted version was gated against the champion it replaced (the
-    # seeds differ, so no stored re-check could pass across datasets); every other one was declined, with the reason
-    promoted = history[len(history_before):]
-    assert history[:len(history_before)] == history_before and promoted     # nothing lost from the stack
-    for previous, version in zip(history[len(history_before) - 1:], promoted):
-        assert versions[int(version)].tags["champion_at_registration"] == previous, (history, version)
-    for v in new - {int(p) for p in promoted}:
-        assert "champion changed" in versions[v].tags["promotion_declined"] and "not comparable" in versions[v].tags["promotion_declined"]
-    log = json.loads(client.get_registered_model("sales").tags["cd4ml.champion_log"])
-    assert sorted(e["version"] for e in log if e["action"] == "register" and int(e["version"]) in new) == sorted(map(str, new))
+    check_promotions(client, new, history_before)
 
 
 def test_concurrent_runs_on_sqlite(training_only, tmp_path):
