@@ -15,8 +15,8 @@ from .console import cli_errors, emit, kv_table, records_table
 from .core import Cd4mlError, workspace, write_json
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'NOTEBOOK', 'DRIFT_ROWS_SHOWN', 'run_report', 'log_report', 'feedback_dataset', 'retrain', 'top_drift',
-           'monitor']
+__all__ = ['EXPERIMENT', 'NOTEBOOK', 'DRIFT_ROWS_SHOWN', 'run_report', 'log_report', 'feedback_dataset', 'retrain_command',
+           'retrain', 'top_drift', 'monitor']
 
 # %% ../nbs/51_cli_monitor.ipynb #5f03b67e
 EXPERIMENT = "cd4ml-monitoring"
@@ -76,6 +76,15 @@ def _cd4ml() -> list[str]:
     exe = Path(sys.executable).parent/"cd4ml"
     return [str(exe)] if exe.exists() else [sys.executable, "-c", "from cd4ml.cli import app; app()"]
 
+def retrain_command(report: dict,                 # the monitoring report: the champion's trained `horizon`
+                    version: str,                 # the dataset version to train on
+                    spec: Path | str = "pipeline.yaml",
+                    params: list[str] = (),       # the user's `-p` overrides, applied last
+                   ) -> list[str]:
+    "The `cd4ml run` command line of a retrain: the new dataset, the champion's horizon, then the user's overrides."
+    overrides = [f"dataset={version}", f"horizon={report['horizon']}", *params]
+    return [*_cd4ml(), "run", str(spec), *[a for p in overrides for a in ("-p", p)], "--json"]
+
 def retrain(report: dict, spec: Path | str = "pipeline.yaml", params: list[str] = ()) -> dict:
     "Train on the feedback-grown dataset with `cd4ml run`; the dataset, the run's exit code and result, champion before/after."
     from cd4ml.monitor import champion_facts
@@ -83,8 +92,7 @@ def retrain(report: dict, spec: Path | str = "pipeline.yaml", params: list[str] 
     version = feedback_dataset(report)
     from cd4ml.datasets import load_dataset
     unflagged = load_dataset(version).meta.get("unflagged_promotion_rows", 0)
-    cmd = [*_cd4ml(), "run", str(spec), "-p", f"dataset={version}", *[a for p in params for a in ("-p", p)], "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(retrain_command(report, version, spec, params), capture_output=True, text=True)
     try: result = json.loads(done.stdout)
     except json.JSONDecodeError: result = None
     after = champion_facts()["champion"]

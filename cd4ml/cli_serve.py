@@ -37,7 +37,7 @@ def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to liste
           model_version: Optional[str] = typer.Option(None, "--model-version", help="Registry version or alias to serve (default: champion)."),
           shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow", help="The challenger also predicts every request (logged, not returned)."),
           canary_percent: Optional[float] = typer.Option(None, "--canary-percent", help="Share of store-items (0-100) answered by the challenger."),
-          max_horizon: Optional[int] = typer.Option(None, "--max-horizon", help="Furthest forecastable day after the history end (default 16)."),
+          max_horizon: Optional[int] = typer.Option(None, "--max-horizon", help="Furthest forecastable period (day, or week for weekly data) after the history end (default: the horizon the model was trained for)."),
           max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Most rows per request (default 1000)."),
           ):
     "Serve forecasts over HTTP: POST /predict, a web page at /, /livez, /readyz, /metrics, /docs.json."
@@ -63,10 +63,12 @@ def pinned_bentofile(spec: dict,   # bentofile.yaml, as read
 
 # %% ../nbs/42_cli_serve.ipynb #b6d33381
 def import_champion(model_version: str | None = None) -> dict:
-    "Import a registry version (default the champion) into the BentoML store as `cd4ml-sales`, history included."
+    "Import a registry version (default the champion) into the BentoML store as `cd4ml-sales`, history and trained horizon included."
     import bentoml, mlflow
     from cd4ml.core import tracking_uri
     from cd4ml.datasets import load_dataset
+    from cd4ml.features import freq_of
+    from cd4ml.registry import describe_version, trained_horizon
     from cd4ml.service import BENTO_MODEL
     from cd4ml.serving import MODEL_NAME, dataset_of, resolve_model
     os.environ["BENTOML_HOME"] = str(workspace("bentoml"))
@@ -75,7 +77,8 @@ def import_champion(model_version: str | None = None) -> dict:
     ds = load_dataset(dataset_of(mv))
     history = {name: ds.table(name) for name in ("sales", "items", "stores", "holidays", "oil", "transactions") if name in ds}
     uri = f"models:/{MODEL_NAME}/{mv.version}"   # the number resolved above: a promotion meanwhile must not change what is imported
-    meta = {"version": str(mv.version), "run_id": mv.run_id, "model_uri": uri, "dataset_version": ds.version}
+    meta = {"version": str(mv.version), "run_id": mv.run_id, "model_uri": uri, "dataset_version": ds.version,
+            "horizon": trained_horizon(describe_version(mv.version)), "freq": freq_of(ds)}
     model = bentoml.mlflow.import_model(BENTO_MODEL, model_uri=uri, metadata=meta,
                                         labels={"registry_version": str(mv.version), "dataset_version": ds.version},
                                         custom_objects={"history": {**history, "meta": dict(ds.meta)}})

@@ -202,6 +202,7 @@ def build_report(records: list[dict],            # prediction log records (`serv
                  feedback_records: list[dict],   # feedback posts (`serving.read_feedback`)
                  rejections: list[dict],         # refused requests (`serving.read_rejections`)
                  data,                           # the champion's training dataset (a `Dataset` or dict of tables)
+                 horizon: int,                   # periods the champion was trained to forecast (`registry.trained_horizon`)
                  model=None,                     # the champion's fitted model: offline predictions for prediction drift
                  champion: str | None = None,    # the champion's version
                  holdout_nwrmsle: float | None = None,  # the champion's offline holdout NWRMSLE
@@ -212,12 +213,12 @@ def build_report(records: list[dict],            # prediction log records (`serv
     served, fb = served_frame(records, since), feedback_frame(feedback_records, since)
     joined = join_feedback(served, fb)
     items = features.tables_of(data, ["items"])["items"]
-    report = {"since": since, "champion": champion, "holdout_nwrmsle": holdout_nwrmsle,
+    report = {"since": since, "champion": champion, "holdout_nwrmsle": holdout_nwrmsle, "horizon": horizon,
               "live": live_metrics(joined, items), "drift": {}, "drift_rows": 0,
               "traffic": traffic(_after(records, since), _after(rejections, since)), "feedback_rows": int(len(fb))}
     current = served_features(data, served, champion)
     if len(current):
-        reference = reference_features(data, int(current.days_ahead.max()), model)
+        reference = reference_features(data, horizon, model)
         table = feature_drift(reference, current.merge(fb, on=["date", "store_nbr", "item_nbr"], how="left"))
         report["drift"] = {r.feature: {"psi": _num(r.psi), "ks_p": _num(r.ks_p), "drifted": bool(r.drifted)} for r in table.itertuples()}
         report["drift_rows"] = int(len(current))
@@ -231,11 +232,12 @@ def _num(v) -> float | None: return None if v is None or not np.isfinite(v) else
 
 # %% ../nbs/50_monitor.ipynb #a3c0e8db
 def champion_facts(name: str = "sales") -> dict:
-    "The champion's version, dataset version and holdout NWRMSLE (None when no champion)."
-    from cd4ml.registry import champion
+    "The champion's version, dataset version, holdout NWRMSLE and trained horizon (None when no champion)."
+    from cd4ml.registry import champion, trained_horizon
     c = champion(name)
-    if not c: return {"champion": None, "dataset_version": None, "holdout_nwrmsle": None}
-    return {"champion": c["version"], "dataset_version": c["dataset_version"], "holdout_nwrmsle": c["nwrmsle"]}
+    if not c: return {"champion": None, "dataset_version": None, "holdout_nwrmsle": None, "horizon": None}
+    return {"champion": c["version"], "dataset_version": c["dataset_version"], "holdout_nwrmsle": c["nwrmsle"],
+            "horizon": trained_horizon(c)}
 
 def workspace_report(since: str | None = None, spec: str | Path = "pipeline.yaml", name: str = "sales") -> dict:
     "The monitoring report of the current workspace: its logs, the registry's champion and its training data."
@@ -247,7 +249,7 @@ def workspace_report(since: str | None = None, spec: str | Path = "pipeline.yaml
     from cd4ml.registry import load_model
     ds = load_dataset(facts["dataset_version"])
     model = load_model(f"models:/{name}/{facts['champion']}")
-    report = build_report(read_log(), read_feedback(), read_rejections(), ds, model, facts["champion"],
+    report = build_report(read_log(), read_feedback(), read_rejections(), ds, facts["horizon"], model, facts["champion"],
                           facts["holdout_nwrmsle"], monitoring_config(spec), since)
     return {**report, "dataset_version": facts["dataset_version"]}
 

@@ -15,9 +15,9 @@ from .gates import (GateResult, acceptance_config, gate_table, gates_from_table,
 
 # %% auto #0
 __all__ = ['MODEL_NAME', 'HISTORY_TAG', 'LOG_TAG', 'LOG_EVENTS', 'LINEAGE_TAGS', 'CURRENT', 'client', 'describe_version',
-           'list_versions', 'champion', 'champion_log', 'champion_history', 'run_lineage', 'register_candidate',
-           'record_rejected', 'record_release', 'register_or_reject', 'stored_recheck', 'decline_promotion', 'promote',
-           'rollback', 'load_model', 'champion_model', 'input_schema', 'log_report']
+           'list_versions', 'champion', 'champion_log', 'champion_history', 'trained_horizon', 'run_lineage',
+           'register_candidate', 'record_rejected', 'record_release', 'register_or_reject', 'stored_recheck',
+           'decline_promotion', 'promote', 'rollback', 'load_model', 'champion_model', 'input_schema', 'log_report']
 
 # %% ../nbs/31_registry.ipynb #ee3710a8
 MODEL_NAME = "sales"
@@ -77,6 +77,7 @@ def _record(mv, aliases: list[str]) -> dict:
             "status": "champion" if "champion" in aliases else t.get("status", ""),
             "run_id": t.get("run_id", mv.run_id), "dataset_version": t.get("dataset_version"),
             "git_sha": t.get("git_sha"), "model_uri": t.get("model_uri"), "source": mv.source,
+            "horizon": int(t["horizon"]) if t.get("horizon") else None, "freq": t.get("freq"),
             "nwrmsle": metrics.get("nwrmsle"), "metrics": metrics,
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
             "champion_at_registration": t.get("champion_at_registration") or None,
@@ -114,6 +115,16 @@ def champion_history(name: str = MODEL_NAME) -> list[str]:
     "Versions that were champion, oldest first; the last one is the champion."
     c = client()
     return _history(c, _registered(c, name))
+
+# %% ../nbs/31_registry.ipynb #3f6b2e91
+def trained_horizon(version: dict,   # a version as `describe_version` gives it
+                   ) -> int:
+    "How many periods ahead (days, or weeks for weekly data) `version` was trained to forecast: its `horizon` tag."
+    if version.get("horizon") is None:
+        raise Cd4mlError(f"model version {version['version']} has no horizon tag (how many periods ahead it was trained to forecast), "
+                         "so what it may be asked is unknown: register it with `cd4ml run`, or tag it by hand, e.g. "
+                         f"MlflowClient().set_model_version_tag('{MODEL_NAME}', '{version['version']}', 'horizon', '16')")
+    return version["horizon"]
 
 # %% ../nbs/31_registry.ipynb #d9333763
 def _history(c, rm) -> list[str]:

@@ -54,21 +54,31 @@ def latency_summary(seconds: list[float],  # each request's latency
 # %% ../nbs/43_release.ipynb #d2b09ecf
 def _fmt(v) -> str: return "none" if v is None else f"{v:.4g}"
 
-def gate_release(measured: dict,  # build_error, startup_s, smoke (check → HTTP status), parity_max_abs_diff, errors, p99_ms, ...
+def _not_measured(measured: dict) -> str:
+    "Why a release measurement is missing: the server's failure, or the answer the smoke request got."
+    predict = (measured.get("smoke") or {}).get("/predict")
+    if measured.get("serve_error"): why = measured["serve_error"]
+    elif measured.get("startup_s") is None: why = "the server did not become ready"
+    elif predict not in (None, 200): why = f"the smoke request to /predict answered {predict}"
+    else: why = "the smoke request to /predict got no answer"
+    return "not measured: " + why
+
+def gate_release(measured: dict,  # build_error, startup_s, smoke (check → HTTP status), smoke_error, parity_max_abs_diff, errors, p99_ms, ...
                  config: dict,    # the release block (see `release_config`)
                 ) -> list[GateResult]:
     "The release gates: bento_build, max_startup_s, smoke, parity, load_errors, max_p99_ms."
     if measured.get("build_error"):
         return [GateResult("bento_build", None, None, False, f"bentoml build failed: {measured['build_error']}")]
     started, smoke = measured.get("startup_s"), measured.get("smoke") or {}
-    not_run = "not measured: " + (measured.get("serve_error") or "the server did not become ready")
+    not_run = _not_measured(measured)
     bad_checks = {k: v for k, v in smoke.items() if v != 200}
     diff, errors, p99 = measured.get("parity_max_abs_diff"), measured.get("errors"), measured.get("p99_ms")
     return [
         GateResult("max_startup_s", started, config["max_startup_s"], started is not None and started <= config["max_startup_s"],
                    f"/readyz answered 200 {_fmt(started)} s after `bentoml serve`" if started is not None else not_run),
         GateResult("smoke", float(len(bad_checks)) if smoke else None, 0.0, bool(smoke) and not bad_checks,
-                   ("failed: " + ", ".join(f"{k} answered {v}" for k, v in bad_checks.items()) if bad_checks else
+                   ("failed: " + ", ".join(f"{k} answered {v}" for k, v in bad_checks.items())
+                    + (f": {measured['smoke_error']}" if measured.get("smoke_error") else "") if bad_checks else
                     f"{', '.join(smoke)} answered 200") if smoke else not_run),
         GateResult("parity", diff, PARITY_TOLERANCE, diff is not None and diff <= PARITY_TOLERANCE and measured.get("versions_match", True),
                    f"largest |served - offline| over {measured.get('parity_rows')} rows of version {measured.get('version')}"
@@ -83,16 +93,18 @@ def gate_release(measured: dict,  # build_error, startup_s, smoke (check → HTT
 
 # %% ../nbs/43_release.ipynb #83ca010d
 def smoke_rows(ds,                # the dataset the version was trained on (`cd4ml.datasets.Dataset`)
+               horizon: int,      # periods the version forecasts (`registry.trained_horizon`): dates are drawn from them
                n: int = 20,       # rows
-               days: int = 7,     # dates drawn from the first `days` days after the history ends
                seed: int = 0) -> pd.DataFrame:
-    "`n` request rows (date, store_nbr, item_nbr, onpromotion) of store-items that recently sold."
+    "`n` request rows (date, store_nbr, item_nbr, onpromotion) of store-items that recently sold, on days the version forecasts."
+    from cd4ml.features import period_of
     rng = np.random.default_rng(seed)
     sales, end = ds.table("sales"), pd.Timestamp(ds.meta["end"])
     pairs = sales[sales.date > end - pd.Timedelta(days=28)][["store_nbr", "item_nbr"]].drop_duplicates().to_numpy()
     if not len(pairs): raise Cd4mlError(f"dataset {ds.version}: no sales in its last 28 days to build smoke-test rows from")
     picked = pairs[rng.integers(0, len(pairs), n)]
-    return pd.DataFrame({"date": (end + pd.to_timedelta(rng.integers(1, days + 1, n), unit="D")).astype("datetime64[ns]"),
+    ahead = period_of(ds.meta.get("freq", "D")) * rng.integers(1, horizon + 1, n)
+    return pd.DataFrame({"date": (end + ahead).astype("datetime64[ns]"),
                          "store_nbr": picked[:, 0].astype("int64"), "item_nbr": picked[:, 1].astype("int64"),
                          "onpromotion": rng.random(n) < 0.3})
 
@@ -175,7 +187,7 @@ def bento_server(tag: str,                 # the Bento, exactly: e.g. cd4ml-fore
 
 # %% ../nbs/43_release.ipynb #4ec2d7a0
 def smoke(base: str, rows: pd.DataFrame, expected: np.ndarray, version: str) -> dict:
-    "GET /livez, /readyz and POST /predict `rows`: HTTP statuses, and the largest gap to the `expected` offline predictions."
+    "GET /livez, /readyz and POST /predict `rows`: HTTP statuses, the largest gap to the `expected` offline predictions (or the refusal)."
     import httpx
     checks = {path: httpx.get(f"{base}{path}", timeout=30).status_code for path in ("/livez", "/readyz")}
     r = httpx.post(f"{base}/predict", json={"rows": as_request(rows)}, timeout=60)
@@ -185,7 +197,13 @@ def smoke(base: str, rows: pd.DataFrame, expected: np.ndarray, version: str) -> 
         body = r.json()
         out["parity_max_abs_diff"] = float(np.max(np.abs(np.asarray(body["predictions"], dtype="float64") - expected)))
         out["versions_match"] = set(body["model_versions"]) == {str(version)}
+    else: out["smoke_error"] = _refusal(r)
     return out
+
+def _refusal(r) -> str:
+    "What a refused request's answer says: the `error` of the service's 4xx JSON, else the start of the body."
+    try: return str(r.json()["error"])[:500]
+    except (ValueError, KeyError, TypeError): return r.text[:500]
 
 def load_test(base: str, rows: pd.DataFrame, requests: int = 200, concurrency: int = 8) -> dict:
     "`requests` single-row POST /predict from `concurrency` clients: error count, latency summary and each latency."
@@ -234,7 +252,7 @@ def release_version(version: str,            # the registered version to release
     timings["build_s"] = time.perf_counter() - t
     if bento:
         ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
-        rows = smoke_rows(ds, config["smoke_rows"])
+        rows = smoke_rows(ds, registry.trained_horizon(registry.describe_version(version, name)), config["smoke_rows"])
         expected = offline_predictions(version, rows, name)
         try:
             with bento_server(bento, Path(out_dir)/"server.log", config["max_startup_s"]) as (base, startup):

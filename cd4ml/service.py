@@ -37,7 +37,7 @@ class StoreItem(BaseModel):
 
 class Row(StoreItem):
     "One store-item-day to forecast."
-    date: dt.date = Field(description="target day, YYYY-MM-DD, after the history end and within max_horizon days")
+    date: dt.date = Field(description="target day, YYYY-MM-DD: one of the catalog's dates (after the history end, within the model's horizon; for weekly data, whole weeks after the history end)")
     onpromotion: StrictBool = Field(description="whether the item is on promotion that day")
 
 class PredictRequest(BaseModel):
@@ -55,7 +55,7 @@ class PredictRequest(BaseModel):
 
 class FeedbackRow(StoreItem):
     "The actual units sold of one store-item-day."
-    date: dt.date = Field(description="the day, YYYY-MM-DD")
+    date: dt.date = Field(description="the day, YYYY-MM-DD (weekly data: a day of its weekly grid, with the week's total units)")
     unit_sales: float = Field(description="units (or kg) sold that day; negative for returns")
     onpromotion: StrictBool | None = Field(None, description="whether the item was on promotion that day (optional; "
                                                               "retraining uses it for days nobody asked a forecast for)")
@@ -95,12 +95,12 @@ def model_source() -> str:
     return "bento" if (PACKAGE.parents[1]/"bento.yaml").exists() else "registry"
 
 def load_from_bento(config: ServeConfig, tag: str = PACKAGED) -> Deployment:
-    "The model version packaged in this Bento (never the store's latest import): the mlflow model plus the history in its custom objects."
+    "The model version packaged in this Bento (never the store's latest import): the mlflow model plus the history in its custom objects, forecasting its trained horizon."
     import mlflow.sklearn
     bento_model = bentoml.models.get(tag)
     info = dict(bento_model.info.metadata)
     model = mlflow.sklearn.load_model(bento_model.path_of("mlflow_model"))
-    fc = Forecaster(model, bento_model.custom_objects["history"], info["version"], info, config.max_horizon)
+    fc = Forecaster(model, bento_model.custom_objects["history"], info["version"], config.max_horizon or int(info["horizon"]), info)
     if config.shadow or config.canary_percent > 0:
         raise RuntimeError("shadow and canary need the registry's challenger; a Bento ships the champion only")
     return Deployment(fc, None, config)

@@ -30,7 +30,8 @@ ENV_PREFIX = "CD4ML_"
 class ServeConfig:
     "How the service answers: limits, deployment strategy, log rotation."
     model_version: str | None = None   # registry version number or alias to serve; None = the `champion`
-    max_horizon: int = 16              # furthest forecastable day, in days after the history end
+    max_horizon: int | None = None     # furthest forecastable period after the history end (days, or weeks for weekly data);
+                                       # None: the horizon the model was trained for (its `horizon` tag)
     max_rows: int = 1000               # most rows in one request
     max_body_bytes: int = 1 << 20      # largest request body accepted
     shadow: bool = False               # the challenger also predicts every request (logged, not returned)
@@ -52,7 +53,7 @@ class ServeConfig:
 
     def checked(self) -> ServeConfig:
         "This config, or a `Cd4mlError` naming the first out-of-range setting."
-        if self.max_horizon < 1: raise Cd4mlError(f"max_horizon must be >= 1; got {self.max_horizon}")
+        if self.max_horizon is not None and self.max_horizon < 1: raise Cd4mlError(f"max_horizon must be >= 1; got {self.max_horizon}")
         if self.max_rows < 1: raise Cd4mlError(f"max_rows must be >= 1; got {self.max_rows}")
         if not 0 <= self.canary_percent <= 100:
             raise Cd4mlError(f"canary_percent must be between 0 and 100; got {self.canary_percent}")
@@ -174,31 +175,46 @@ def parse_rows(rows, max_rows: int = 1000) -> pd.DataFrame:
 # %% ../nbs/40_serving.ipynb #b1fc257b
 @dataclass
 class Catalog:
-    "What can be forecast: stores, items (with family), the history's last day and the horizon."
+    "What can be forecast: stores, items (with family), the history's last day, the data's frequency and the horizon."
     stores: pd.DataFrame          # store_nbr, city, type, ...
     items: pd.DataFrame           # item_nbr, family, ...
     history_end: pd.Timestamp     # the forecast origin: the last day with known sales
-    max_horizon: int = 16         # days after `history_end` that may be forecast
-    step_days: int = 1            # 7 for weekly data: only every 7th day from `history_end` can be forecast
+    max_horizon: int              # periods after `history_end` that may be forecast (days, or weeks for weekly data)
+    freq: str = "D"               # the data's frequency: 'D' daily, or 'W' weekly (forecasts for whole weeks after `history_end`)
 
     def __post_init__(self):
+        if self.max_horizon < 1: raise Cd4mlError(f"max_horizon must be >= 1 period; got {self.max_horizon}")
         self._stores = set(self.stores.store_nbr.astype("int64").tolist())
         self._items = set(self.items.item_nbr.astype("int64").tolist())
         self._end = self.history_end.to_datetime64().astype("datetime64[ns]")
-        self._dates = pd.date_range(self.history_end + pd.Timedelta(days=self.step_days),
-                                    self.history_end + pd.Timedelta(days=self.max_horizon), freq=f"{self.step_days}D")
-        if not len(self._dates):
-            raise Cd4mlError(f"max_horizon {self.max_horizon} days is shorter than one period of the data ({self.step_days} days)")
+        period = features.period_of(self.freq)
+        self.step_days = period.days
+        self._dates = pd.date_range(self.history_end + period, periods=self.max_horizon, freq=period)
 
     def dates(self) -> pd.DatetimeIndex:
         "Every forecastable day."
         return self._dates
 
+    def grid(self) -> str:
+        "The days forecasts are for, in words: 'daily', or 'weekly (Mondays)' for weekly data ending on a Monday."
+        return "daily" if self.step_days == 1 else f"weekly ({self.history_end.day_name()}s)"
+
+    def off_grid(self, dates) -> np.ndarray:
+        "True for each day that is not a whole number of periods from the history end (none, for daily data)."
+        return (np.asarray(dates, "datetime64[ns]") - self._end) // np.timedelta64(1, "D") % self.step_days != 0
+
+    def not_on_grid(self, day: str) -> str:
+        "Why `day` (YYYY-MM-DD, off the grid: only weekly data has days off it) is refused: the grid and its next day."
+        ahead = (pd.Timestamp(day) - self.history_end).days
+        following = self.history_end + pd.Timedelta(days=-(-ahead // self.step_days) * self.step_days)
+        return f"{day} is not on the weekly grid ({self.history_end.day_name()}s); next valid: {following.date()}"
+
     def to_json(self) -> dict:
         dates = self.dates()
-        return {"history_end": self.history_end.date().isoformat(), "max_horizon": self.max_horizon,
-                "step_days": self.step_days,
+        return {"history_end": self.history_end.date().isoformat(), "freq": self.freq, "grid": self.grid(),
+                "step_days": self.step_days, "max_horizon": self.max_horizon,
                 "first_date": dates[0].date().isoformat(), "last_date": dates[-1].date().isoformat(),
+                "dates": [d.date().isoformat() for d in dates],
                 "stores": [{"store_nbr": int(s.store_nbr), "city": str(s.city), "type": str(s.type)}
                            for s in self.stores.itertuples()],
                 "items": [{"item_nbr": int(i.item_nbr), "family": str(i.family)} for i in self.items.itertuples()]}
@@ -214,14 +230,13 @@ def check_rows(frame, catalog: Catalog):
         values = frame[name].tolist()
         if not all(v in known for v in values): refuse(np.array([v not in known for v in values]), name, lambda v: f": unknown {what} {v}")
     days = (np.asarray(frame["date"], "datetime64[ns]") - catalog._end) // np.timedelta64(1, "D")
-    if ((days < catalog.step_days) | (days > catalog.max_horizon) | (days % catalog.step_days != 0)).any():
-        dates = catalog.dates(); first, last = dates[0], dates[-1]
-        refuse((days < catalog.step_days) | (days > catalog.max_horizon), "date",
-               lambda v: f" {v} is outside the forecastable window {first.date()}..{last.date()} "
-                         f"(history ends {catalog.history_end.date()}, max_horizon {catalog.max_horizon} days)")
-        refuse(days % catalog.step_days != 0, "date",
-               lambda v: f" {v} is not a forecastable day: the data is weekly, so forecasts are for every {catalog.step_days}th "
-                         f"day from {catalog.history_end.date()} ({', '.join(d.date().isoformat() for d in dates)})")
+    outside = (days < catalog.step_days) | (days > catalog.step_days * catalog.max_horizon)
+    off_grid = catalog.off_grid(frame["date"])
+    if (outside | off_grid).any():
+        dates, unit = catalog.dates(), "days" if catalog.step_days == 1 else "weeks"
+        refuse(outside, "date", lambda v: f" {v} is outside the forecastable window {dates[0].date()}..{dates[-1].date()} "
+                                          f"(history ends {catalog.history_end.date()}, max_horizon {catalog.max_horizon} {unit})")
+        refuse(off_grid, "date", lambda v: f" {catalog.not_on_grid(v)}")
     return frame
 
 # %% ../nbs/40_serving.ipynb #2e139dfe
@@ -235,15 +250,14 @@ class Forecaster:
     def __init__(self, model,                  # a fitted estimator taking `features.FEATURES` columns
                  data: Dataset | dict,         # its feature history: a stored dataset or a dict of tables
                  version: str,                 # the model version, reported with every prediction
+                 max_horizon: int,             # periods after the history end that may be forecast (days, or weeks for weekly data)
                  info: dict | None = None,     # facts shown by /info: run id, dataset version, git sha...
-                 max_horizon: int = 16,        # days after the history end that may be forecast
                  cache_rows: int = 500_000):   # most rows (features and prediction) kept; the cache is emptied when full
         self.model, self.data, self.version, self.info = model, data, str(version), dict(info or {})
         tables = features.tables_of(data)
         self.sales = tables["sales"]
         self.origin = pd.Timestamp(self.sales.date.max())
-        step = features.period_of(features.freq_of(data)).days
-        self.catalog = Catalog(tables["stores"], tables["items"], self.origin, max_horizon, step)
+        self.catalog = Catalog(tables["stores"], tables["items"], self.origin, max_horizon, features.freq_of(data))
         self.cache_rows, self._cache, self._predicted, self._lock = cache_rows, {}, {}, threading.Lock()
 
     def series_rows(self, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -399,11 +413,15 @@ def parse_feedback(rows, max_rows: int = 10_000) -> pd.DataFrame:
     return frame
 
 def check_known(frame: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
-    "`frame` if every store and item is in the catalog, else a 422 `RequestError` for the first that isn't."
+    "`frame` if every store and item is in the catalog and every date on its grid, else a 422 `RequestError` for the first that isn't."
     for name, known, what in (("store_nbr", catalog._stores, "store"), ("item_nbr", catalog._items, "item")):
         bad = [i for i, v in enumerate(frame[name].tolist()) if v not in known]
         if bad: raise RequestError(f"rows[{bad[0]}].{name}: unknown {what} {frame[name].iloc[bad[0]]}",
                                    f"rows[{bad[0]}].{name}", int(frame[name].iloc[bad[0]]), status=422)
+    off = catalog.off_grid(frame.date)
+    if off.any():      # weekly actuals are weekly totals: on another day they would not line up with the history's weeks
+        i = int(np.argmax(off)); day = str(frame.date.iloc[i].date())
+        raise RequestError(f"rows[{i}].date {catalog.not_on_grid(day)}", f"rows[{i}].date", day, status=422)
     return frame
 
 def feedback_log(folder: Path | str | None = None) -> PredictionLog:
@@ -652,17 +670,22 @@ def dataset_of(mv) -> str:
                                    "its feature history is unknown, so it cannot be served")
     return found
 
-def load_forecaster(model_version: str | int | None = None, max_horizon: int = 16, name: str = MODEL_NAME) -> Forecaster:
+def load_forecaster(model_version: str | int | None = None, # a version number or alias; default the champion
+                    max_horizon: int | None = None,          # periods ahead to forecast; None: the version's trained horizon
+                    name: str = MODEL_NAME) -> Forecaster:
     "The `Forecaster` of a registered model version (default: the champion), with its dataset as history."
     import mlflow.sklearn
+    from cd4ml.registry import describe_version, trained_horizon
     mv = resolve_model(model_version, name)
     key = (tracking_uri(), name, mv.version, max_horizon)
     if key not in _forecasters:
-        ds = dataset_of(mv)
+        ds, horizon = dataset_of(mv), trained_horizon(describe_version(mv.version, name))
         model = mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
-        _forecasters[key] = Forecaster(model, load_dataset(ds), mv.version, max_horizon=max_horizon,
+        data = load_dataset(ds)
+        _forecasters[key] = Forecaster(model, data, mv.version, max_horizon or horizon,
                                        info={"name": name, "version": mv.version, "run_id": mv.run_id,
                                              "model_uri": f"models:/{name}/{mv.version}", "dataset_version": ds,
+                                             "horizon": horizon, "freq": features.freq_of(data),
                                              "git_sha": mv.tags.get("git_sha") or _run_tag(mv.run_id, "git_sha"),
                                              "aliases": list(getattr(mv, "aliases", []) or [])})
     return _forecasters[key]

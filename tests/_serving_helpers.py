@@ -36,7 +36,7 @@ def simulated_tables(stores=4, items=30, days=120, seed=0) -> dict:
                               .rename(columns={"unit_sales": "transactions"})}
 
 def build_registry(home: Path) -> dict:
-    """Dataset + two ridge models registered as `sales` v1 (champion) and v2 (challenger), in CD4ML_HOME=`home`.
+    """Dataset + two ridge models (16 days ahead) registered as `sales` v1 (champion) and v2 (challenger), in CD4ML_HOME=`home`.
     Returns the dataset and both fitted models, for offline comparisons."""
     os.environ["CD4ML_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -58,6 +58,7 @@ def build_registry(home: Path) -> dict:
             mlflow.sklearn.log_model(model, name="model", registered_model_name="sales",
                                      pip_requirements=["scikit-learn", "numpy", "pandas"])
         client.set_model_version_tag("sales", version, "dataset_version", ds.version)
+        for tag, value in (("horizon", "16"), ("freq", "D")): client.set_model_version_tag("sales", version, tag, value)   # as trained
         client.set_registered_model_alias("sales", alias, version)
         fitted[version] = model
     mlflow.set_tracking_uri(None)

@@ -26,14 +26,15 @@ async function start() {
     catalog = await getJSON("catalog");
     const info = await getJSON("info");
     $("model").textContent = `model version ${info.champion.version} · history up to ${catalog.history_end}` +
-      ` · forecasts ${catalog.first_date} … ${catalog.last_date}`;
+      ` · forecasts ${catalog.grid} ${catalog.first_date} … ${catalog.last_date}`;
   } catch (e) { say(`Could not load the catalog: ${e.message}`); return; }
   $("stores").innerHTML = catalog.stores.map((s) => `<option value="${s.store_nbr} — ${s.city} (type ${s.type})">`).join("");
   $("items").innerHTML = catalog.items.map((i) => `<option value="${i.item_nbr} — ${i.family}">`).join("");
   catalog.storeSet = new Set(catalog.stores.map((s) => s.store_nbr));
   catalog.itemSet = new Set(catalog.items.map((i) => i.item_nbr));
-  const d = $("date");
-  d.min = catalog.first_date; d.max = catalog.last_date; d.value = catalog.first_date;
+  const d = $("date");              // only the catalog's days: every day, or every week for weekly data
+  d.min = catalog.first_date; d.max = catalog.last_date; d.step = catalog.step_days; d.value = catalog.first_date;
+  $("dates").innerHTML = catalog.dates.map((day) => `<option value="${day}">`).join("");
   $("ask").addEventListener("submit", (ev) => { ev.preventDefault(); forecast(); });
 }
 
@@ -41,8 +42,11 @@ function choice() {                 // the form's values, or an error message na
   const store = number($("store").value), item = number($("item").value), date = $("date").value;
   if (store === null || !catalog.storeSet.has(store)) return { error: `Unknown store "${$("store").value}": pick one from the list.` };
   if (item === null || !catalog.itemSet.has(item)) return { error: `Unknown product "${$("item").value}": pick one from the list.` };
+  const unit = catalog.step_days === 1 ? "days" : "weeks";
   if (!date || date < catalog.first_date || date > catalog.last_date)
-    return { error: `Date "${date}" is outside ${catalog.first_date} … ${catalog.last_date}: the model forecasts up to ${catalog.max_horizon} days after the history.` };
+    return { error: `Date "${date}" is outside ${catalog.first_date} … ${catalog.last_date}: the model forecasts up to ${catalog.max_horizon} ${unit} after the history.` };
+  if (!catalog.dates.includes(date))
+    return { error: `Date "${date}" is not a forecast day: the model forecasts ${catalog.grid}; next: ${catalog.dates.find((day) => day > date)}.` };
   return { store, item, date, promo: $("promo").checked };
 }
 
@@ -75,7 +79,7 @@ function draw(hist, target) {       // bars: actual (blue), forecast (red), the 
   points.forEach((p, i) => {
     const x = left + i * bw, h = H - bottom - y(p.v);
     out += `<rect class="${p.kind}" data-date="${p.date}" x="${(x + 1).toFixed(1)}" y="${y(p.v).toFixed(1)}" width="${Math.max(1, bw - 2).toFixed(1)}" height="${h.toFixed(1)}"><title>${p.date}: ${p.v.toFixed(1)}</title></rect>`;
-    if (i % 7 === 0 && x < W - 30) out += `<text x="${x.toFixed(1)}" y="${H - 8}">${p.date.slice(5)}</text>`;
+    if (i % (catalog.step_days === 1 ? 7 : 2) === 0 && x < W - 30) out += `<text x="${x.toFixed(1)}" y="${H - 8}">${p.date.slice(5)}</text>`;
   });
   svg.innerHTML = out;
   $("chart-box").hidden = false;
