@@ -35,11 +35,11 @@ def quality(result: dict) -> dict:
         out["best vs moving_average"] = f"{gain:.1%} better (target ≥ 10%: {'met' if gain >= 0.10 else 'not met'})"
     return out
 
-def summary_tables(result: dict) -> list:
-    "The human view of a run summary: steps, candidates, best vs baselines vs oracle."
+def summary_tables(result: dict, explain: bool = False) -> list:
+    "The human view of a run summary: steps (with why each ran if `explain`), candidates, best vs baselines vs oracle."
     best = (result.get("best") or {}).get("model")
     title = f"run {result['parent_run_id']}" + (" (up to date: nothing rerun)" if result.get("up_to_date") else "")
-    steps = records_table(result["steps"], ["name", "seconds", "cached"], title=title)
+    steps = records_table(result["steps"], ["name", "seconds", "cached", *(["why"] if explain else [])], title=title)
     cands = records_table([{"model": c["model"], **c["metrics"], "cached": c["cached"], "best": "★" if c["model"] == best else ""}
                            for c in result["candidates"]], ["model", "nwrmsle", "rmse", "mae", "r2", "cached", "best"],
                           title="candidates (validation origins)")
@@ -65,23 +65,26 @@ def summary_tables(result: dict) -> list:
 def run(spec: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline spec."),
         param: list[str] = typer.Option([], "-p", "--param", help="Override a parameter: key=value (dotted keys for nested ones)."),
         force: bool = typer.Option(False, "--force", help="Rerun every step, ignoring the cache."),
+        explain: bool = typer.Option(False, "--explain", help="Say why each step ran: what changed in its cache key since its last run."),
         jobs: int = JOBS_OPT, as_json: bool = JSON_OPT):
     "Run the pipeline: step notebooks executed by papermill, cached, tracked in MLflow."
     _fast_notebook_imports()
     from cd4ml.pipeline import apply_overrides, check_gates, load_spec, run_tracked, up_to_date
     resolved = apply_overrides(load_spec(spec), param)
     result = (not force and up_to_date(resolved)) or run_tracked(resolved, force=force, jobs=jobs, quiet=as_json)
-    emit(result, as_json, *summary_tables(result))
+    emit(result, as_json, *summary_tables(result, explain))
     check_gates(result)
 
 @cli_errors
 def reproduce(run_id: str = typer.Argument(..., help="The parent run id printed by `cd4ml run`."),
               jobs: int = JOBS_OPT, as_json: bool = JSON_OPT):
-    "Rerun a logged pipeline run (cache bypassed) and check that code, data and every metric match."
+    "Rerun a logged pipeline run (cache bypassed) and check that code, data and every reproducible metric match."
     _fast_notebook_imports()
     from cd4ml.pipeline import reproduce as reproduce_run
     result = reproduce_run(run_id, jobs=jobs, quiet=as_json)
     emit(result, as_json, records_table(result["metrics"], ["run", "metric", "original", "reproduced", "match"],
                                         title=f"run {run_id} reproduced as {result['reproduced_run_id']}"),
+         *([records_table(result["not_compared"], ["run", "metric", "original", "reproduced", "reason"], title="not compared")]
+           if result["not_compared"] else []),
          kv_table({"match": result["match"], **{f"problem {i+1}": p for i, p in enumerate(result["problems"])}}))
     if not result["match"]: raise typer.Exit(1)

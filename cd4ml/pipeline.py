@@ -15,12 +15,14 @@ import cd4ml
 from .core import Cd4mlError, atomic_dir, hash_bytes, hash_file, hash_json, tracking_uri, workspace, write_json
 
 # %% auto #0
-__all__ = ['ENGINES', 'WARM_UP', 'THREAD_VARS', 'TOLERANCE', 'Step', 'Spec', 'spec_from_dict', 'load_spec', 'parse_override',
-           'apply_overrides', 'check', 'notebook_hash', 'imported_modules', 'library_hash', 'notebook_code',
-           'cache_key', 'Kernel', 'register_engine', 'KernelPool', 'StepFailed', 'Execution', 'cache_root',
-           'cached_manifest', 'nbformat_read', 'execute', 'plan', 'code_hashes', 'run_pipeline', 'step_outputs',
-           'flatten', 'notebook_parameters', 'run_tracked', 'run_key', 'up_to_date', 'summary', 'failed_gates',
-           'check_gates', 'recorded_run', 'code_differences', 'metric_differences', 'reproduce']
+__all__ = ['ENGINES', 'WARM_UP', 'THREAD_VARS', 'KERNEL_ARGS', 'KERNEL_ENV', 'TOLERANCE', 'WALL_TIME', 'Step', 'Spec',
+           'spec_from_dict', 'load_spec', 'parse_override', 'apply_overrides', 'check', 'notebook_hash',
+           'imported_modules', 'library_modules', 'library_hash', 'notebook_code', 'cache_key', 'Kernel',
+           'register_engine', 'KernelPool', 'StepFailed', 'Execution', 'cache_root', 'cached_manifest', 'nbformat_read',
+           'execute', 'plan', 'code_hashes', 'run_pipeline', 'step_outputs', 'flatten', 'lock_changes', 'key_changes',
+           'last_run_path', 'remember', 'why_run', 'notebook_parameters', 'run_tracked', 'run_key', 'up_to_date',
+           'summary', 'failed_gates', 'check_gates', 'recorded_run', 'code_differences', 'not_compared',
+           'compare_metrics', 'reproduce']
 
 # %% ../nbs/21_pipeline.ipynb #a6b67e51
 ENGINES = {"pandas": True, "dask": True}   # engine → available yet (dask: see `cd4ml.scale`)
@@ -212,8 +214,8 @@ def imported_modules(code: str) -> set[str]:
         else: names.update(w.strip() for w in what.split(",") if w.strip())   # from cd4ml import tracking
     return names
 
-def library_hash(code: str | None = None) -> str:
-    "Hash of the cd4ml modules `code` uses, directly or through other cd4ml modules (all modules if `code` is None)."
+def library_modules(code: str | None = None) -> dict:
+    "Source hash of each cd4ml module `code` uses, directly or through other cd4ml modules (all modules if `code` is None)."
     lib = Path(cd4ml.__file__).parent
     if code is None: names = {p.stem for p in lib.glob("*.py")} - {"_modidx"}
     else:
@@ -222,16 +224,19 @@ def library_hash(code: str | None = None) -> str:
             m = todo.pop()
             if m in names or not (lib/f"{m}.py").exists(): continue
             names.add(m); todo |= imported_modules((lib/f"{m}.py").read_text())
-    return hash_bytes(*[f"{m}:{hash_file(lib/f'{m}.py')}\n" for m in sorted(names)])[:16]
+    return {m: hash_file(lib/f"{m}.py")[:16] for m in sorted(names)}
+
+def library_hash(code: str | None = None) -> str:
+    "One hash of `library_modules(code)`."
+    return hash_json(library_modules(code))[:16]
 
 def notebook_code(path: Path | str) -> str:
     "The source of a notebook's code cells."
     return "\n".join("".join(c["source"]) for c in json.loads(Path(path).read_text())["cells"] if c["cell_type"] == "code")
 
-def cache_key(notebook: str, library: str, packages: str, params: dict, inputs: dict) -> str:
-    "The cache key of one step execution."
-    return hash_json({"notebook": notebook, "library": library, "packages": packages,
-                      "params": params, "inputs": inputs})[:24]
+def cache_key(parts: dict) -> str:
+    "The cache key of one step execution: the hash of its parts (notebook, library, packages, params, inputs)."
+    return hash_json(parts)[:24]
 
 # %% ../nbs/21_pipeline.ipynb #f69c5ae9
 _RESET = """get_ipython().run_line_magic('reset', '-f')
@@ -241,6 +246,13 @@ del _sys
 get_ipython().execution_count = 1"""
 WARM_UP = "import numpy, pandas, sklearn, matplotlib.pyplot, cd4ml.core"   # what every step needs; loaded while the parent sets up MLflow
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+KERNEL_ARGS = ["--HistoryManager.enabled=False"]                 # no IPython history database (see below)
+KERNEL_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}   # no "Downloading artifacts: …%" bars in the reports
+# run once in each new kernel: no tqdm.auto warning about ipywidgets, no colours forced on subprocesses (see below)
+_START = """import os as _os, warnings as _warnings
+_warnings.filterwarnings('ignore', 'IProgress not found')
+for _k in ('FORCE_COLOR', 'CLICOLOR_FORCE'): _os.environ.pop(_k, None)
+del _os, _warnings, _k"""
 
 class Kernel:
     "A long-lived Jupyter kernel (python3) for executing many notebooks in turn."
@@ -248,12 +260,13 @@ class Kernel:
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
         self._run = run_sync
-        env = dict(os.environ, **({v: str(threads) for v in THREAD_VARS} if threads else {}))
+        env = dict(os.environ, **KERNEL_ENV, **({v: str(threads) for v in THREAD_VARS} if threads else {}))
         self.log = open(log, "ab") if log else subprocess.DEVNULL
         self.km = AsyncKernelManager(kernel_name="python3")
-        run_sync(self.km.start_kernel)(env=env, cwd=str(cwd), stdout=self.log, stderr=self.log)
+        run_sync(self.km.start_kernel)(env=env, cwd=str(cwd), stdout=self.log, stderr=self.log, extra_arguments=KERNEL_ARGS)
         self.kc = self.km.client(); self.kc.start_channels()
         run_sync(self.kc.wait_for_ready)(timeout=120)
+        self.run(_START)
 
     def run(self, code: str):
         "Execute `code` silently (no outputs, no history); raises if it fails."
@@ -348,6 +361,7 @@ class Execution:
     inputs: dict             # step → output folder (or model → folder)
     input_hashes: dict       # step → content hash of its outputs
     model: str | None = None
+    parts: dict = field(default_factory=dict)   # what its key is the hash of (see `cache_key`)
     key: str = ""
 
 def cache_root() -> Path: return workspace("cache")
@@ -394,7 +408,7 @@ def execute(ex: Execution, kernel: Kernel, run_dir: Path, runtime: dict | None =
         outputs = {f: hash_file(out/f) for f in ex.step.outputs}
         shutil.copyfile(executed, out/"_executed.ipynb")
         manifest = {"key": ex.key, "step": ex.name, "outputs": outputs, "content": hash_json(outputs)[:24],
-                    "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "parts": ex.parts}
         write_json(out/"_manifest.json", manifest)
     return manifest
 
@@ -411,9 +425,10 @@ def plan(spec: Spec, step: Step, done: dict, hashes: dict) -> list[Execution]:
            [(m, {**params, "model": m, "model_params": mp}) for m, mp in spec.models.items()]
     out = []
     for model, p in runs:
-        ex = Execution(step, step.name if model is None else f"{step.name}:{model}", nb, p, inputs, input_hashes, model)
-        ex.key = cache_key(hashes["notebooks"][step.name], hashes["libraries"][step.name], hashes["packages"], p, input_hashes)
-        out.append(ex)
+        parts = {"notebook": hashes["notebooks"][step.name], "library": hashes["libraries"][step.name],
+                 "packages": hashes["packages"], "params": p, "inputs": input_hashes}
+        out.append(Execution(step, step.name if model is None else f"{step.name}:{model}", nb, p, inputs, input_hashes,
+                             model, parts, cache_key(parts)))
     return out
 
 def code_hashes(spec: Spec) -> dict:
@@ -421,7 +436,7 @@ def code_hashes(spec: Spec) -> dict:
     from cd4ml.tracking import package_lock_hash
     return {"library": library_hash(), "packages": package_lock_hash(),
             "notebooks": {s.name: notebook_hash(spec.notebook(s)) for s in spec.steps},
-            "libraries": {s.name: library_hash(notebook_code(spec.notebook(s))) for s in spec.steps}}
+            "libraries": {s.name: library_modules(notebook_code(spec.notebook(s))) for s in spec.steps}}
 
 def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
                  run_dir: Path,       # where executed notebooks go
@@ -433,7 +448,7 @@ def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
                  pool: KernelPool | None = None, # kernels to use (default: a pool of `jobs` kernels)
                  runtime=None,        # called with (execution) → extra params for it, not part of its cache key
                 ) -> list[dict]:
-    "Run `spec`'s steps in order, reusing cached executions; returns one record per execution."
+    "Run `spec`'s steps in order, reusing cached executions; returns one record per execution (with `why` it ran)."
     hashes = hashes or code_hashes(spec)
     if pool is None:
         with KernelPool(jobs or os.cpu_count() or 1, spec.root, workspace("logs")) as pool:
@@ -441,9 +456,10 @@ def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
     done, records = {}, []
     for step in spec.steps:
         executions = plan(spec, step, done, hashes)
-        todo, results = [], {}
+        todo, results, why = [], {}, {}
         for ex in executions:
             manifest = None if force or not step.cache else cached_manifest(ex.key)
+            why[ex.name] = "cached" if manifest else why_run(ex, force)
             if manifest:
                 shutil.copyfile(cache_root()/ex.key/"_executed.ipynb", run_dir/f"{ex.name.replace(':', '-')}.ipynb")
                 results[ex.name] = (manifest, True, 0.0)
@@ -470,7 +486,8 @@ def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
         for ex in executions:
             manifest, cached, seconds = results[ex.name]
             records.append({"name": ex.name, "step": step.name, "model": ex.model, "key": ex.key,
-                            "seconds": round(seconds, 3), "cached": cached})
+                            "seconds": round(seconds, 3), "cached": cached, "why": why[ex.name]})
+            remember(ex.name, ex.key)
         done[step.name] = {ex.model: results[ex.name][0] for ex in executions} if step.foreach else results[executions[0].name][0]
     return records
 
@@ -478,7 +495,7 @@ def step_outputs(records: list[dict], name: str) -> Path:
     "The cache folder holding execution `name`'s outputs."
     return cache_root()/next(r["key"] for r in records if r["name"] == name)
 
-# %% ../nbs/21_pipeline.ipynb #ccdf69fd
+# %% ../nbs/21_pipeline.ipynb #5c4c9b37
 def flatten(d: dict, prefix: str = "") -> dict:
     "`{'a': {'b': 1}}` → `{'a.b': 1}`."
     out = {}
@@ -490,6 +507,65 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def _read_json(path: Path):
     return json.loads(Path(path).read_text()) if Path(path).exists() else None
 
+_UNSET = object()
+
+def _differing(old: dict, new: dict) -> list:
+    "Keys whose values differ between `old` and `new`, including keys only one of them has."
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, _UNSET) != new.get(k, _UNSET))
+
+def _value(d: dict, k) -> str: return repr(d[k]) if k in d else "(unset)"
+
+def lock_changes(old: str, # a `cd4ml.tracking.package_lock()` text
+                 new: str, # another one
+                ) -> list[str]:
+    "The packages added, removed or upgraded between two package locks, in words."
+    a, b = ({n: v for n, _, v in (line.partition("==") for line in lock.splitlines() if line)} for lock in (old, new))
+    return [f"{n} {b[n]} added" if n not in a else f"{n} {a[n]} removed" if n not in b else f"{n} {a[n]} → {b[n]}"
+            for n in _differing(a, b)]
+
+def key_changes(old: dict,    # the parts of a step's earlier key (`manifest["parts"]`)
+                new: dict,    # the parts of its key now
+                locks=None,   # lock hash → lock text or None (default: `cd4ml.tracking.recorded_lock`)
+               ) -> list[str]:
+    "What differs between two keys' parts, in words: notebook, cd4ml modules, packages, each param, each input."
+    if locks is None: from cd4ml.tracking import recorded_lock as locks
+    out = ["notebook changed"] if old["notebook"] != new["notebook"] else []
+    if modules := _differing(old["library"], new["library"]): out.append(f"cd4ml modules changed: {', '.join(modules)}")
+    if old["packages"] != new["packages"]:
+        texts = [locks(old["packages"]), locks(new["packages"])]
+        named = lock_changes(*texts) if None not in texts else [f"lock {old['packages']} → {new['packages']}"]
+        out.append(f"packages changed: {', '.join(named)}")
+    a, b = flatten(old["params"]), flatten(new["params"])
+    out += [f"param {k}: {_value(a, k)} → {_value(b, k)}" for k in _differing(a, b)]
+    out += [f"input {k} changed" for k in _differing(flatten(old["inputs"]), flatten(new["inputs"]))]
+    return out
+
+# %% ../nbs/21_pipeline.ipynb #5a46e484
+def last_run_path(name: str) -> Path:
+    "The file keeping the key of execution `name`'s last run."
+    return cache_root()/"last"/f"{name.replace(':', '-')}.json"
+
+def remember(name: str, key: str):
+    "Keep `key` as execution `name`'s last key."
+    write_json(last_run_path(name), {"key": key})
+
+def _gone(key: str) -> str:
+    "Why the cache entry `key`, which the step's last run used, is not usable now."
+    if not (cache_root()/key/"_manifest.json").exists(): return f"its cache entry {key} was deleted"
+    return f"its dataset {_read_json(cache_root()/key/'dataset.json')['version']} was deleted"
+
+def why_run(ex: Execution, force: bool = False) -> str:
+    "Why `ex` is not taken from the cache: `--force`, `cache: false`, a deleted entry, or what changed since its last run."
+    if force: return "--force"
+    if not ex.step.cache: return "cache: false (runs every time)"
+    last = _read_json(last_run_path(ex.name))
+    if last is None: return "first run of this step in this workspace"
+    if last["key"] == ex.key: return _gone(ex.key)
+    previous = _read_json(cache_root()/last["key"]/"_manifest.json")
+    if not previous or "parts" not in previous: return f"its key changed (the last run's cache entry {last['key']} is gone)"
+    return "; ".join(key_changes(previous["parts"], ex.parts))
+
+# %% ../nbs/21_pipeline.ipynb #ccdf69fd
 class _Tracker:
     "MLflow logging for one pipeline run; every call happens in the main thread."
     def __init__(self, spec: Spec, run_dir: Path, hashes: dict):
@@ -618,8 +694,9 @@ def up_to_date(spec: Spec) -> dict | None:
         done[step.name] = {ex.model: m for ex, m in zip(executions, manifests)} if step.foreach else manifests[0]
     recorded = _read_json(cache_root()/"runs"/f"{run_key(records)}.json")
     if not recorded or recorded["tracking_uri"] != tracking_uri(): return None
-    previous = recorded["summary"]
-    return {**previous, "up_to_date": True, "steps": [{"name": r["name"], "seconds": 0.0, "cached": True} for r in records]}
+    for r in records: remember(r["name"], r["key"])
+    return {**recorded["summary"], "up_to_date": True,
+            "steps": [{"name": r["name"], "seconds": 0.0, "cached": True, "why": "cached: up to date"} for r in records]}
 
 def summary(run_id: str, tracker: _Tracker, records: list[dict]) -> dict:
     "The run summary printed by `cd4ml run` (and as JSON with `--json`)."
@@ -633,7 +710,7 @@ def summary(run_id: str, tracker: _Tracker, records: list[dict]) -> dict:
         best = {**best, "run_id": c["run_id"], "model_uri": c["model_uri"]}
     return {"parent_run_id": run_id, "up_to_date": False, "dataset": tracker.dataset.version if tracker.dataset else None,
             "run_dir": str(tracker.run_dir),
-            "steps": [{"name": r["name"], "seconds": r["seconds"], "cached": r["cached"]} for r in records],
+            "steps": [{k: r[k] for k in ("name", "seconds", "cached", "why")} for r in records],
             "candidates": candidates, "best": best, "baselines": ev.get("baselines", {}),
             "oracle_nwrmsle": ev.get("oracle_nwrmsle"),
             "gated": {k: tracker.gates[k] for k in ("model", "run_id", "champion")} if tracker.gates else None,
@@ -686,26 +763,44 @@ def code_differences(recorded: dict, run, spec: Spec) -> list[str]:
     problems, notebooks = [], {s.name: spec.notebook(s) for s in spec.steps}
     for step, h in then["notebooks"].items():
         if now["notebooks"].get(step) != h: problems.append(f"code differs: step notebook '{step}' ({notebooks[step]}) changed")
-    for step, h in then["libraries"].items():
-        if now["libraries"].get(step) != h: problems.append(f"code differs: the cd4ml modules step '{step}' uses changed (source hash {h} → {now['libraries'].get(step)})")
+    for step, modules in then["libraries"].items():
+        if (now_modules := now["libraries"].get(step)) != modules:
+            problems.append(f"code differs: the cd4ml modules step '{step}' uses changed: {', '.join(_differing(modules, now_modules or {}))}")
     if now["packages"] != then["packages"]: problems.append(f"code differs: installed packages {then['packages']} → {now['packages']}")
     sha = git_state(spec.root)["git_sha"]
     if sha != run.data.tags.get("cd4ml.git_sha"): problems.append(f"code differs: git commit {run.data.tags.get('cd4ml.git_sha')} → {sha}")
     return problems
 
-def metric_differences(old: dict, new: dict, where: str) -> tuple[list[dict], list[str]]:
-    "Every metric of `old` compared with `new`."
-    rows = [{"run": where, "metric": k, "original": v, "reproduced": new.get(k), "match": _close(v, new.get(k))}
-            for k, v in sorted(old.items())]
-    return rows, [f"metric differs: {r['run']} {r['metric']} {r['original']!r} → {r['reproduced']!r}" for r in rows if not r["match"]]
+WALL_TIME = re.compile(r"(_ms|_s|(^|[._])seconds|(^|[._])rps)$")   # latencies, durations, throughput
+
+def not_compared(metric: str,        # a metric's name: 'nwrmsle', 'release.p50_ms', 'gate.max_nwrmsle'
+                 skipped: list = (), # the steps `reproduce` does not rerun
+                ) -> str | None:
+    "Why `reproduce` does not compare `metric`, or None if it does."
+    if WALL_TIME.search(metric): return "timing: measured in wall time"
+    step, dot, _ = metric.partition(".")
+    return f"logged by step '{step}', which is not rerun" if dot and step in skipped else None
+
+def compare_metrics(old: dict,         # metric → value, as recorded
+                    new: dict,         # metric → value, reproduced
+                    where: str,        # 'pipeline' or the candidate's model
+                    skipped: list = (), # the steps not rerun (see `not_compared`)
+                   ) -> tuple[list[dict], list[dict]]:
+    "The metrics of `old` compared with `new` (to `TOLERANCE`), and those not compared, with the reason."
+    compared, other = [], []
+    for k, v in sorted(old.items()):
+        row, reason = {"run": where, "metric": k, "original": v, "reproduced": new.get(k)}, not_compared(k, skipped)
+        if reason: other.append({**row, "reason": reason})
+        else: compared.append({**row, "match": _close(v, new.get(k))})
+    return compared, other
 
 def reproduce(run_id: str, jobs: int | None = None, quiet: bool = False) -> dict:
-    "Rerun pipeline run `run_id` exactly (cache bypassed) and compare code, data and every metric."
+    "Rerun pipeline run `run_id` exactly (cache bypassed) and compare code, data and every reproducible metric."
     import mlflow
     run, recorded = recorded_run(run_id)
     spec = spec_from_dict(recorded["spec"], recorded["spec_path"])
     problems = code_differences(recorded, run, spec)
-    skipped = [s.name for s in spec.steps if not s.cache]     # gate, register: they depend on the registry's state, not the run's
+    skipped = [s.name for s in spec.steps if not s.cache]     # gate, register, release: they depend on the registry's state, not the run's
     spec = Spec(spec.path, spec.params, spec.models, [s for s in spec.steps if s.cache], spec.acceptance, spec.release)
     dataset = run.data.tags.get("cd4ml.dataset")
     if spec.params.get("dataset"):
@@ -714,15 +809,14 @@ def reproduce(run_id: str, jobs: int | None = None, quiet: bool = False) -> dict
             raise Cd4mlError(f"data differs: dataset version {spec.params['dataset']} used by run {run_id} is missing from {data_root()}")
     new = run_tracked(spec, force=True, jobs=jobs, quiet=quiet, tags={"cd4ml.reproduces": run_id})
     if new["dataset"] != dataset: problems.append(f"data differs: dataset version {dataset} → {new['dataset']}")
-    rows, bad = metric_differences(run.data.metrics, mlflow.get_run(new["parent_run_id"]).data.metrics, "pipeline")
-    problems += bad
+    rows, other = compare_metrics(run.data.metrics, mlflow.get_run(new["parent_run_id"]).data.metrics, "pipeline", skipped)
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{run_id}'", output_format="list")
     reproduced = {c["model"]: c for c in new["candidates"]}
     for child in children:
         model = child.data.params.get("model")
         if model not in reproduced: problems.append(f"candidate {model} was not reproduced"); continue
-        r, b = metric_differences({k: v for k, v in child.data.metrics.items() if not k.startswith("gate.")},
-                                  reproduced[model]["metrics"], model)
-        rows += r; problems += b
-    return {"run_id": run_id, "reproduced_run_id": new["parent_run_id"], "dataset": new["dataset"],
-            "match": not problems, "problems": problems, "metrics": rows, "skipped_steps": skipped}
+        r, o = compare_metrics(child.data.metrics, reproduced[model]["metrics"], model, skipped)
+        rows += r; other += o
+    problems += [f"metric differs: {r['run']} {r['metric']} {r['original']!r} → {r['reproduced']!r}" for r in rows if not r["match"]]
+    return {"run_id": run_id, "reproduced_run_id": new["parent_run_id"], "dataset": new["dataset"], "match": not problems,
+            "problems": problems, "metrics": rows, "not_compared": other, "skipped_steps": skipped}

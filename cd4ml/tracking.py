@@ -21,9 +21,9 @@ warnings.filterwarnings("ignore", message="Hint: Inferred schema contains intege
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways", category=UserWarning)
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'DATABASE_SCHEMES', 'PINNED_PACKAGES', 'is_database_uri', 'open_store', 'store_lock', 'setup',
-           'git_state', 'package_lock', 'package_lock_hash', 'lineage_tags', 'log_dataset', 'pinned_requirements',
-           'skops_types', 'log_model']
+__all__ = ['EXPERIMENT', 'DATABASE_SCHEMES', 'UNLOCKED', 'PINNED_PACKAGES', 'is_database_uri', 'open_store', 'store_lock',
+           'setup', 'git_state', 'package_lock', 'package_lock_hash', 'recorded_lock', 'lineage_tags', 'log_dataset',
+           'pinned_requirements', 'skops_types', 'log_model']
 
 # %% ../nbs/20_tracking.ipynb #63a76a2c
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -106,21 +106,31 @@ def git_state(path: Path | str = ".") -> dict:
     if sha is None: return {"git_sha": "none", "git_dirty": "unknown"}
     return {"git_sha": sha, "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
 
+UNLOCKED = ("pip", "setuptools", "wheel", "uv", "cd4ml")   # installers, and cd4ml itself (hashed by source)
+
 def package_lock() -> str:
-    "Sorted `name==version` lines of every installed distribution (what `pip freeze` pins)."
-    pins = {f"{d.metadata['Name'].lower().replace('_', '-')}=={d.version}" for d in distributions() if d.metadata['Name']}
-    return "\n".join(sorted(pins))
+    "Sorted `name==version` lines of the installed distributions (what `pip freeze` pins), without `UNLOCKED`."
+    names = (((d.metadata["Name"] or "").lower().replace("_", "-"), d.version) for d in distributions())
+    return "\n".join(sorted({f"{n}=={v}" for n, v in names if n and n not in UNLOCKED}))
 
 def package_lock_hash() -> str:
-    "Short hash of `package_lock()`: equal hashes mean the same installed packages."
+    "Short hash of `package_lock()`: equal hashes mean the same installed packages (the lock is kept, see `recorded_lock`)."
     # Reading every distribution's metadata takes ~0.3-1 s; installing, upgrading or removing a package adds or
     # removes its .dist-info folder in site-packages, which changes that folder's modification time, so the hash
-    # is remembered per set of site-packages mtimes.
+    # is remembered per set of site-packages mtimes (and per definition of the lock).
     folders = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
-    stamp = hash_json([[p, os.stat(p).st_mtime_ns] for p in folders])[:16]
+    stamp = hash_json([UNLOCKED, [[p, os.stat(p).st_mtime_ns] for p in folders]])[:16]
     remembered = workspace("cache")/f"packages-{stamp}.txt"
     if remembered.exists(): return remembered.read_text()
-    return atomic_write_text(remembered, hash_bytes(package_lock())[:16]).read_text()
+    lock = package_lock()
+    lock_hash = hash_bytes(lock)[:16]
+    atomic_write_text(workspace("cache", "packages")/f"{lock_hash}.txt", lock)   # read back by `recorded_lock`
+    return atomic_write_text(remembered, lock_hash).read_text()
+
+def recorded_lock(lock_hash: str) -> str | None:
+    "The `package_lock()` whose hash is `lock_hash`, if this workspace ever computed it."
+    path = workspace("cache", "packages")/f"{lock_hash}.txt"
+    return path.read_text() if path.exists() else None
 
 # %% ../nbs/20_tracking.ipynb #49a11244
 def lineage_tags(root: Path | str, # project folder (for git)

@@ -254,3 +254,77 @@ def test_reproduce_detects_metric_code_and_data_changes(base, env, tmp_path):
     shutil.rmtree(Path(env["CD4ML_HOME"])/"data"/base["dataset"])
     r = cd4ml("reproduce", pinned["parent_run_id"], env=env)
     assert r.returncode == 2 and f"dataset version {base['dataset']}" in r.stderr and "missing" in r.stderr, r.stderr
+
+
+# The default pipeline as `make pipeline` runs it (the `default_run` fixture of conftest.py): the release step on,
+# full default data. These tests reuse that one run.
+
+DEFAULT_STEPS = ["data", "validate", "features", *[f"train:{m}" for m in MODELS], "evaluate", "gate", "register", "release"]
+NOISE = ("ERROR!", "Warning", "Traceback", "Downloading artifacts")
+
+
+def test_default_run_installs_nothing(default_run):
+    # BentoML's first `bentoml build` pip-installed uv when it was missing; the new package changed the package
+    # lock, so right after a fresh `make install` the second run had no step cached
+    assert [s["name"] for s in default_run.result["steps"]] == DEFAULT_STEPS
+    assert default_run.result["release"]["promoted"]
+    assert default_run.installed_after == default_run.installed_before
+
+
+def test_default_run_reports_show_only_the_run(default_run):
+    run_dir = Path(default_run.result["run_dir"])
+    reports = sorted(run_dir.glob("*.ipynb"))
+    assert [p.stem for p in reports] == sorted(s.replace(":", "-") for s in DEFAULT_STEPS)
+    noise = []
+    for path in reports:
+        for i, cell in enumerate(nbformat.read(str(path), as_version=4).cells):
+            for o in cell.get("outputs", []):
+                if o["output_type"] == "error": noise.append((path.name, i, f"{o['ename']}: {o['evalue']}"))
+                elif o["output_type"] == "stream" and any(n in o["text"] for n in NOISE): noise.append((path.name, i, o["text"][:200]))
+    assert noise == []
+
+
+def test_default_rerun_is_up_to_date(default_run):
+    r = cd4ml("run", ROOT/"pipeline.yaml", "--json", env=default_run.env)
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["up_to_date"] and again["parent_run_id"] == default_run.result["parent_run_id"]
+    assert [(s["name"], s["cached"], s["why"]) for s in again["steps"]] == [(n, True, "cached: up to date") for n in DEFAULT_STEPS]
+
+
+def test_explain_names_what_changed(default_run, tmp_path):
+    # the project's steps up to evaluate, in another folder: the same keys as the default run, so all cached
+    # except what a changed notebook and a changed param rerun
+    spec = copy_project(tmp_path)
+    nb = nbformat.read(str(tmp_path/"nbs/steps/evaluate.ipynb"), as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("A note for the reader."))
+    nbformat.write(nb, str(tmp_path/"nbs/steps/evaluate.ipynb"))
+    r = cd4ml("run", spec, "-p", "models.moving_average.days=28", "--json", env=default_run.env)
+    assert r.returncode == 0, r.stderr
+    why = {s["name"]: s["why"] for s in json.loads(r.stdout)["steps"]}
+    assert why == {**{n: "cached" for n in DEFAULT_STEPS[:9]},
+                   "train:moving_average": "param model_params.days: 14 → 28",
+                   "evaluate": "notebook changed; input train.moving_average changed"}, why
+    # the table of `--explain`; the change is named against the step's last run
+    r = cd4ml("run", spec, "-p", "models.moving_average.days=56", "--explain", env={**default_run.env, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if "train:moving_average" in line)
+    assert "param model_params.days: 28 → 56" in row, r.stdout
+    assert "why" in r.stdout and "│ cached " in r.stdout
+
+
+def test_default_run_reproduces(default_run):
+    r = cd4ml("reproduce", default_run.result["parent_run_id"], "--json", env=default_run.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["match"] and out["problems"] == [] and out["dataset"] == default_run.result["dataset"]
+    assert out["skipped_steps"] == ["gate", "register", "release"]
+    compared = {(m["run"], m["metric"]) for m in out["metrics"]}
+    assert {("pipeline", "best_nwrmsle"), ("pipeline", "oracle_nwrmsle"), ("pipeline", "baseline_ma_nwrmsle")} <= compared
+    assert {(m, k) for m in MODELS for k in ("nwrmsle", "rmse", "mae", "r2")} <= compared
+    assert all(m["match"] for m in out["metrics"])
+    reasons = {m["metric"]: m["reason"] for m in out["not_compared"] if m["run"] == "pipeline"}
+    for timing in ("release.p50_ms", "release.p99_ms", "release.max_ms", "release.startup_s", "release.build_s", "release.rps"):
+        assert reasons[timing] == "timing: measured in wall time", timing
+    assert reasons["release.parity_rows"] == "logged by step 'release', which is not rerun"
+    assert not any(m["metric"].startswith(("release.", "gate.")) for m in out["metrics"])
