@@ -41,8 +41,8 @@ pytest: install
 	@$(BIN)/python -m pytest tests --durations=12; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here, not a pass" >&2; exit 1; fi; exit $$rc
 
-lab: install ## open JupyterLab on nbs/
-	$(BIN)/jupyter lab nbs
+lab: install ## JupyterLab on nbs/ at http://127.0.0.1:$$PORT (default 8888); a step notebook run there binds to the last run
+	$(BIN)/jupyter lab nbs --no-browser --ip 127.0.0.1 --port $${PORT:-8888} --ServerApp.port_retries=0 $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 ui: install ## open the MLflow UI on the workspace store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CD4ML_HOME)/mlflow.db}" --port $${PORT:-5000}

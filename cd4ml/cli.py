@@ -9,7 +9,7 @@ import typer
 from . import __version__
 from .console import state
 from .cli_data import data_app
-from .cli_run import run, reproduce
+from .cli_run import run, reproduce, nb
 from .cli_models import models_app
 from .cli_serve import serve, bento
 from .cli_monitor import monitor
@@ -33,6 +33,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on e
 app.add_typer(data_app, name="data", help="Generate, import, validate and inspect dataset versions.")
 app.command("run")(run)
 app.command("reproduce")(reproduce)
+app.command("nb")(nb)
 app.add_typer(models_app, name="models", help="List registered model versions, promote one to champion, roll back.")
 app.command("serve")(serve)
 app.command("bento")(bento)

@@ -12,7 +12,7 @@ import typer
 from .console import cli_errors, emit, kv_table, records_table
 
 # %% auto #0
-__all__ = ['JSON_OPT', 'JOBS_OPT', 'quality', 'summary_tables', 'run', 'reproduce']
+__all__ = ['JSON_OPT', 'JOBS_OPT', 'quality', 'summary_tables', 'run', 'reproduce', 'nb']
 
 # %% ../nbs/22_cli_run.ipynb #22606d16
 JSON_OPT = typer.Option(False, "--json", help="Print JSON on stdout instead of tables.")
@@ -88,3 +88,18 @@ def reproduce(run_id: str = typer.Argument(..., help="The parent run id printed 
            if result["not_compared"] else []),
          kv_table({"match": result["match"], **{f"problem {i+1}": p for i, p in enumerate(result["problems"])}}))
     if not result["match"]: raise typer.Exit(1)
+
+# %% ../nbs/22_cli_run.ipynb #0cd6110c
+@cli_errors
+def nb(step: str = typer.Argument(..., help="The step whose notebook to bind, e.g. train."),
+       run: str = typer.Option(None, "--run", help="The run: its id or a unique prefix (default: the latest that ran STEP)."),
+       model: str = typer.Option(None, "--model", help="Fan-out steps: the candidate (default: the first the run trained)."),
+       out: Path = typer.Option(None, "--out", help="Where to write the notebook (default: _bound/ beside the step notebook)."),
+       as_json: bool = JSON_OPT):
+    "Write a copy of a step notebook bound to a run: its parameters and inputs injected, outputs to a scratch folder."
+    from cd4ml.interactive import bound_notebook
+    path, b = bound_notebook(step, run, model, out)
+    facts = {"notebook": str(path), "run": b.run.name, "execution": b.execution["name"], "outputs": b.params["output_dir"],
+             "dry run": bool(b.params.get("dry_run"))}
+    emit(facts, as_json, kv_table(facts, title=f"{step} bound to run {b.run.name}"))
+    if not as_json: print(path)

@@ -19,10 +19,10 @@ __all__ = ['ENGINES', 'WARM_UP', 'THREAD_VARS', 'KERNEL_ARGS', 'KERNEL_ENV', 'TO
            'spec_from_dict', 'load_spec', 'parse_override', 'apply_overrides', 'check', 'notebook_hash',
            'imported_modules', 'library_modules', 'library_hash', 'notebook_code', 'cache_key', 'Kernel',
            'register_engine', 'KernelPool', 'StepFailed', 'Execution', 'cache_root', 'cached_manifest', 'nbformat_read',
-           'execute', 'plan', 'code_hashes', 'run_pipeline', 'step_outputs', 'flatten', 'lock_changes', 'key_changes',
-           'last_run_path', 'remember', 'why_run', 'notebook_parameters', 'run_tracked', 'run_key', 'up_to_date',
-           'summary', 'failed_gates', 'check_gates', 'recorded_run', 'code_differences', 'not_compared',
-           'compare_metrics', 'reproduce']
+           'execute', 'plan', 'code_hashes', 'run_pipeline', 'execution_record', 'step_outputs', 'flatten',
+           'lock_changes', 'key_changes', 'last_run_path', 'remember', 'why_run', 'notebook_parameters', 'run_tracked',
+           'run_key', 'up_to_date', 'summary', 'failed_gates', 'check_gates', 'recorded_run', 'code_differences',
+           'not_compared', 'compare_metrics', 'reproduce']
 
 # %% ../nbs/21_pipeline.ipynb #a6b67e51
 ENGINES = {"pandas": True, "dask": True}   # engine → available yet (dask: see `cd4ml.scale`)
@@ -453,7 +453,7 @@ def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
     if pool is None:
         with KernelPool(jobs or os.cpu_count() or 1, spec.root, workspace("logs")) as pool:
             return run_pipeline(spec, run_dir, force, jobs, on_start, on_done, hashes, pool, runtime)
-    done, records = {}, []
+    done, records, received = {}, [], []
     for step in spec.steps:
         executions = plan(spec, step, done, hashes)
         todo, results, why = [], {}, {}
@@ -465,11 +465,13 @@ def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
                 results[ex.name] = (manifest, True, 0.0)
                 if on_done: on_done(ex, manifest, True)
             else: todo.append(ex)
+        extras = {ex.name: runtime(ex) if runtime else None for ex in todo}
+        received += [execution_record(ex, extras.get(ex.name)) for ex in executions]
+        write_json(run_dir/"steps.json", received)      # before running: a failed execution is recorded too
         futures = {}
         for ex in todo:
             if on_start: on_start(ex)
-            extra = runtime(ex) if runtime else None
-            futures[pool.submit(lambda k, ex=ex, extra=extra: execute(ex, k, run_dir, extra), parallel=len(todo))] = ex
+            futures[pool.submit(lambda k, ex=ex, extra=extras[ex.name]: execute(ex, k, run_dir, extra), parallel=len(todo))] = ex
         failure = None
         for fut in as_completed(futures):
             ex = futures[fut]
@@ -490,6 +492,11 @@ def run_pipeline(spec: Spec,          # resolved spec (see `apply_overrides`)
             remember(ex.name, ex.key)
         done[step.name] = {ex.model: results[ex.name][0] for ex in executions} if step.foreach else results[executions[0].name][0]
     return records
+
+def execution_record(ex: Execution, runtime: dict | None = None) -> dict:
+    "An entry of a run's `steps.json`: `ex`'s cache key and every parameter its notebook received but `output_dir`."
+    return {"name": ex.name, "step": ex.step.name, "model": ex.model, "key": ex.key, "notebook": str(ex.notebook),
+            "parameters": {**ex.params, **(runtime or {}), "inputs": ex.inputs}}
 
 def step_outputs(records: list[dict], name: str) -> Path:
     "The cache folder holding execution `name`'s outputs."

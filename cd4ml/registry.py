@@ -336,9 +336,10 @@ def load_model(model_uri: str):
     client()
     return mlflow.sklearn.load_model(model_uri)
 
-def champion_model(name: str = MODEL_NAME):
+def champion_model(name: str = MODEL_NAME,
+                   version: str | None = CURRENT):  # CURRENT: the champion now; else the version a run compared with (None: there was none)
     "`(model, version dict)` of the champion; None if there is no champion."
-    current = champion(name)
+    current = champion(name) if version == CURRENT else None if version is None else describe_version(version, name)
     if current is None: return None
     return load_model(f"models:/{name}/{current['version']}"), current
 
