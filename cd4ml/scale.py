@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib, hashlib, json, os, shutil, sys, uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -57,9 +58,12 @@ class _PartWriter:
         if name == "sales" and len(chunk):
             self.hash.update(pd.util.hash_pandas_object(chunk, index=False).to_numpy().tobytes())
             self.dates += [chunk.date.min(), chunk.date.max()]
-            self.stores.update(np.unique(chunk.store_nbr).tolist()); self.items.update(np.unique(chunk.item_nbr).tolist())
-        for p in np.unique(part):
-            self.writers[name][p].write_table(pa.Table.from_pandas(chunk[part == p], schema=self.schemas[name], preserve_index=False))
+            self.stores.update(pd.unique(chunk.store_nbr).tolist()); self.items.update(pd.unique(chunk.item_nbr).tolist())
+        order = np.argsort(part, kind="stable")                  # each part's rows together, in chunk order
+        table = pa.Table.from_pandas(chunk, schema=self.schemas[name], preserve_index=False).take(order)
+        bounds = np.searchsorted(part[order], np.arange(len(self.writers[name]) + 1))
+        for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b > a: self.writers[name][p].write_table(table.slice(a, b - a))
 
     def close(self):
         for ws in self.writers.values():
@@ -91,17 +95,17 @@ def _tmp_dir() -> Path:
     return d
 
 # %% ../nbs/13_scale.ipynb #f95bcbaa
-def generate_partitioned(stores: int = 10, items: int = 50, days: int = 730, start: str = "2015-01-01", seed: int = 0,
-                         drift=None,                  # simulator drift (see `cd4ml.simulate.parse_drift`)
-                         part_rows: int = PART_ROWS,  # about this many sales rows per part
+def generate_partitioned(part_rows: int = PART_ROWS,  # about this many sales rows per part
                          source: str | None = None,   # for meta.json (default: the simulator parameters)
                          extra: dict | None = None,   # more facts for meta.json
+                         on_progress: Callable[[str, int], None] | None = None, # called with ('sales', rows so far) per block
+                         **sim,                       # simulator parameters: stores, items, days, start, seed, drift, ... (see `simulate`)
                         ) -> Dataset:
     "Simulate straight into a partitioned dataset, one 28-day block at a time."
     from cd4ml.simulate import _blocks, _frame, _static_tables, _world
-    world = _world(stores, items, days, start, seed, drift)
+    world = _world(**sim)
     all_stores = np.sort(world.stores.store_nbr.to_numpy())
-    per_part = stores_per_part(0.5 * items * days, part_rows)       # about half the store-item-days sell
+    per_part = stores_per_part(0.5 * len(world.items) * len(world.dates), part_rows)   # at most half the store-item-days sell
     n_parts = -(-len(all_stores) // per_part)
     tmp = _tmp_dir()
     try:
@@ -112,11 +116,11 @@ def generate_partitioned(stores: int = 10, items: int = 50, days: int = 730, sta
                     chunk = normalize(name, _frame(raw))
                     writer.write(name, chunk, part_of(chunk.store_nbr.to_numpy(), all_stores, per_part))
                 transactions.append(_frame(block["transactions"]))
+                if on_progress: on_progress("sales", writer.rows["sales"])
         finally: writer.close()
         small = {("holidays" if k == "holidays_events" else k): v for k, v in _static_tables(world).items()}
         small["transactions"] = pd.concat(transactions, ignore_index=True)
-        return _finish(tmp, writer, small, source or "simulator " + " ".join(
-            f"{k}={v}" for k, v in dict(stores=stores, items=items, days=days, start=start, seed=seed).items()), extra)
+        return _finish(tmp, writer, small, source or "simulator " + " ".join(f"{k}={v}" for k, v in sim.items()), extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

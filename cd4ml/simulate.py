@@ -294,8 +294,9 @@ class _World:
     shifts: dict = field(default_factory=dict)   # drift kind -> factor per day (see `parse_drift`); empty: none
     launched: list = field(default_factory=list) # sub-worlds of items launched by an `items` drift (see `_launched`)
 
-def _world(stores: int, items: int, days: int, start: str, seed: int, drift=None,
+def _world(stores: int = 10, items: int = 50, days: int = 730, start: str = "2015-01-01", seed: int = 0, drift=None,
            new_items: float = NEW_ITEMS, out_of_stock: float = OUT_OF_STOCK) -> _World:
+    "Everything but the random sales, for `simulate`'s parameters (the same defaults)."
     for name, share in (("new_items", new_items), ("out_of_stock", out_of_stock)):
         if not 0 <= share <= 1: raise Cd4mlError(f"{name} = {share!r}: a share, it must be between 0 and 1")
     dates = pd.date_range(start, periods=days)
@@ -539,11 +540,11 @@ def sim_size(rows: int,      # wanted number of train rows
     return {"stores": stores, "items": items, "days": days}
 
 # %% ../nbs/02_simulate.ipynb #87571a46
-_FAVORITA = {"stores": 54, "days": 1684, "start": "2013-01-01", "new_items": 0.4, "out_of_stock": 0.28}
+_KAGGLE = {"days": 1684, "start": "2013-01-01", "new_items": 0.4, "out_of_stock": 0.28, "engine": "dask"}
 PRESETS = {   # name -> simulator parameters (absent ones: `simulate`'s defaults) and the engine storing the output
     "small": {"stores": 10, "items": 50, "days": 730, "start": "2015-01-01", "engine": "pandas"},
-    "medium": {**_FAVORITA, "items": 650, "engine": "dask"},      # ~20 M rows
-    "favorita": {**_FAVORITA, "items": 4100, "engine": "dask"},   # ~125 M rows, Kaggle's train.csv
+    "medium": {"stores": 54, "items": 650, **_KAGGLE},      # ~20 M rows
+    "favorita": {"stores": 54, "items": 4100, **_KAGGLE},   # ~125 M rows, Kaggle's train.csv
 }
 
 def preset_params(preset: str = "small", # a name in `PRESETS`
