@@ -540,7 +540,7 @@ def sim_size(rows: int,      # wanted number of train rows
     return {"stores": stores, "items": items, "days": days}
 
 # %% ../nbs/02_simulate.ipynb #87571a46
-_KAGGLE = {"days": 1684, "start": "2013-01-01", "new_items": 0.4, "out_of_stock": 0.28, "engine": "dask"}
+_KAGGLE = {"days": 1688, "start": "2013-01-01", "new_items": 0.4, "out_of_stock": 0.28, "engine": "dask"}
 PRESETS = {   # name -> simulator parameters (absent ones: `simulate`'s defaults) and the engine storing the output
     "small": {"stores": 10, "items": 50, "days": 730, "start": "2015-01-01", "engine": "pandas"},
     "medium": {"stores": 54, "items": 650, **_KAGGLE},      # ~20 M rows
