@@ -17,7 +17,7 @@ from .datasets import TABLES, Dataset, normalize
 __all__ = ['WINDOW_DAYS', 'LOOKBACK_DAYS', 'CALENDAR', 'HOLIDAYS', 'PROMO', 'HISTORY', 'ATTRIBUTES', 'EXTERNAL', 'FEATURES',
            'tables_of', 'freq_of', 'period_of', 'History', 'series_key', 'history', 'series_stats', 'holiday_flags',
            'payday', 'oil_at', 'Context', 'context', 'feature_rows', 'family_weekday_sums', 'pool_family_weekday',
-           'family_weekday_at', 'OriginStats', 'origin_stats', 'family_weekday_partial', 'repool_family',
+           'family_weekday_at', 'OriginStats', 'origin_stats', 'family_weekday_partial', 'repooled_family',
            'lookback_start', 'features_for', 'training_frame', 'training_rows', 'forecast_origins']
 
 # %% ../nbs/11_features.ipynb #e126ffc4
@@ -294,16 +294,16 @@ def family_weekday_partial(prep: OriginStats) -> dict:
     "Origin -> `family_weekday_sums` of the series in `prep`: their share of the pooling."
     return {o: family_weekday_sums(prep.ctx, prep.hist, *s) for o, s in prep.stats.items()}
 
-def repool_family(frame: pd.DataFrame, # rows of `training_frame` (any origins)
-                  pools: dict,         # origin -> `pool_family_weekday` over more series than the frame's
-                 ) -> pd.DataFrame:
-    "`frame` with `family_dow_8w` pooled by `pools`, as `feature_rows` gives it with `family_pool`."
-    out = frame.copy()
-    for origin, rows in frame.groupby("origin", sort=False):
+def repooled_family(frame: pd.DataFrame, # rows of `training_frame` (any origins)
+                    pools: dict,         # origin -> `pool_family_weekday` over more series than the frame's
+                   ) -> np.ndarray:
+    "The `family_dow_8w` column of `frame` pooled by `pools`, as `feature_rows` gives it with `family_pool`."
+    out = np.empty(len(frame))
+    for origin, at in frame.groupby("origin", sort=False).indices.items():
         pooled = pools[origin]
-        lag = (-rows.days_ahead.to_numpy().astype("int64")) % pooled.shape[1]
-        value = family_weekday_at(pooled, rows.family_code.to_numpy(), lag)
-        out.loc[rows.index, "family_dow_8w"] = np.where(np.isnan(value), 0.0, value)
+        lag = (-frame.days_ahead.to_numpy()[at].astype("int64")) % pooled.shape[1]
+        value = family_weekday_at(pooled, frame.family_code.to_numpy()[at], lag)
+        out[at] = np.where(np.isnan(value), 0.0, value)
     return out
 
 # %% ../nbs/11_features.ipynb #efa6ae2e

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from .core import Cd4mlError, hash_frame, write_json
 from .datasets import TABLES, Dataset, data_root, load_dataset, normalize, version_of_hashes
 from .features import (family_weekday_partial, freq_of, lookback_start, origin_stats, period_of, pool_family_weekday,
-                            repool_family, series_key, training_rows)
+                            repooled_family, series_key, training_rows)
 
 # %% auto #0
 __all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'stores_per_part', 'part_of', 'write_first_sales',
@@ -300,7 +300,8 @@ def write_training_frame(ds: Dataset,            # a partitioned dataset (see `p
         pools = {o: pool_family_weekday([s[o] for s in sums]) for o in origins}               # reduce
         for o in origins:                        # one origin of all parts at a time, in the pandas engine's row order
             frame = pd.concat([pd.read_parquet(f, filters=[("origin", "==", o)]) for f in outs], ignore_index=True)
-            frame = repool_family(frame, pools).sort_values(["date", "store_nbr", "item_nbr"], kind="stable", ignore_index=True)
+            frame["family_dow_8w"] = repooled_family(frame, pools)
+            frame = frame.sort_values(["date", "store_nbr", "item_nbr"], kind="stable", ignore_index=True)
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if writer is None: writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table.cast(writer.schema))
