@@ -12,7 +12,8 @@ from .console import cli_errors, emit, kv_table, progress, records_table
 from .core import Cd4mlError, workspace
 
 # %% auto #0
-__all__ = ['data_app', 'JSON_OPT', 'LIST_COLUMNS', 'generate_cmd', 'import_cmd', 'list_cmd', 'show_cmd', 'validate_cmd']
+__all__ = ['data_app', 'JSON_OPT', 'LIST_COLUMNS', 'ENGINES', 'generate_cmd', 'import_cmd', 'list_cmd', 'show_cmd',
+           'validate_cmd']
 
 # %% ../nbs/07_cli_data.ipynb #e7a0f657
 data_app = typer.Typer(help="Generate, import, validate and inspect dataset versions.", no_args_is_help=True)
@@ -26,39 +27,78 @@ def _importing(as_json: bool):
     return bar, lambda file, rows: bar.update(task, description=f"reading {file}: {rows:,} rows")
 
 def _import_result(ds, report: dict, **more) -> dict:
+    "What `import` and `generate` print: the dataset's facts, the import report and `more`."
     return {**ds.meta, "created_at": ds.meta["created"], **report, "path": str(ds.path), **more}
 
 # %% ../nbs/07_cli_data.ipynb #71b0788c
+ENGINES = ("pandas", "dask")
+
 @data_app.command("generate")
 @cli_errors
-def generate_cmd(stores: int = typer.Option(10, help="Number of stores."),
-                 items: int = typer.Option(50, help="Number of items."),
-                 days: int = typer.Option(730, help="Number of days."),
-                 start: str = typer.Option("2015-01-01", help="First date (YYYY-MM-DD)."),
+def generate_cmd(preset: str = typer.Option("small", help="A named size: small, medium (~20 M rows) or favorita (~125 M rows, "
+                                                         "Kaggle's); the options below override its values."),
+                 stores: int | None = typer.Option(None, help="Number of stores (default: the preset's)."),
+                 items: int | None = typer.Option(None, help="Number of items (default: the preset's)."),
+                 days: int | None = typer.Option(None, help="Number of days (default: the preset's)."),
+                 start: str | None = typer.Option(None, help="First date, YYYY-MM-DD (default: the preset's)."),
                  seed: int = typer.Option(0, help="Random seed: the same seed gives the same data and version."),
-                 out: Path | None = typer.Option(None, help="Folder for the Kaggle-style CSVs "
+                 new_items: float | None = typer.Option(None, help="Share of the items launched mid-history (default: the preset's, else 0.08)."),
+                 out_of_stock: float | None = typer.Option(None, help="Mean share of days an item is out of stock in a store "
+                                                                      "(default: the preset's, else 0.008)."),
+                 engine: str | None = typer.Option(None, help="pandas: Kaggle CSVs, then imported; dask: Parquet parts of whole "
+                                                              "stores, streamed (default: the preset's)."),
+                 part_rows: int | None = typer.Option(None, help="dask: about this many sales rows per part (default 2,000,000)."),
+                 out: Path | None = typer.Option(None, help="pandas: folder for the Kaggle-style CSVs "
                                                             "(default: CD4ML_HOME/raw/sim-s..-i..-d..-START-seed..)."),
                  drift: str | None = typer.Option(None, help="Change demand from a date on: kind=FACTOR@YYYY-MM-DD, comma-separated; "
                                                              "kinds: level (all demand x F), promo (promotion lift x F), "
                                                              "season (weekly cycle ^ F), items (F new items launched that day). "
                                                              "E.g. level=1.5@2016-10-01 or items=20@2016-11-01."),
                  as_json: bool = JSON_OPT):
-    "Simulate Favorita-like sales, write the Kaggle CSVs, and import them as a dataset version."
-    try: from cd4ml.simulate import generate
+    "Simulate Favorita-like sales and store them as a dataset version."
+    try: from cd4ml.simulate import preset_params
     except ImportError as e: raise Cd4mlError(f"the simulator is not available ({e}); import real data with `cd4ml data import`") from None
-    from cd4ml.imports import import_favorita
-    params = {"stores": stores, "items": items, "days": days, "start": start, "seed": seed, **({"drift": drift} if drift else {})}
-    out = out or workspace("raw")/(f"sim-s{stores}-i{items}-d{days}-{start}-seed{seed}"
-                                   + (f"-drift-{drift.replace('@', '-').replace(',', '_')}" if drift else ""))
-    bar, on_progress = _importing(as_json)
+    params = preset_params(preset, stores=stores, items=items, days=days, start=start, seed=seed, new_items=new_items,
+                           out_of_stock=out_of_stock, drift=drift, engine=engine)
+    engine = params.pop("engine")
+    if engine not in ENGINES: raise Cd4mlError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "dask" and out: raise Cd4mlError("--out is the folder of the pandas engine's CSVs; --engine dask writes Parquet parts into the dataset")
+    if engine == "pandas" and part_rows: raise Cd4mlError("--part-rows sizes the dask engine's parts; add --engine dask")
+    source = "simulator " + " ".join(f"{k}={v}" for k, v in params.items())
+    bar = progress(quiet=as_json)
     with bar:
-        bar.update(bar.task_ids[0], description="simulating")
-        generate(out, **params)
-        ds, report = import_favorita(out, source="simulator " + " ".join(f"{k}={v}" for k, v in params.items()),
-                                     extra={"simulator": params}, on_progress=on_progress)
-    result = _import_result(ds, report, out=str(out))
-    emit(result, as_json, records_table([result], ["version", "rows", "stores", "items", "start", "end", "out"],
-                                        title="generated" if report["created"] else "generated (version existed)"))
+        bar.add_task("simulating", total=None)
+        result = (_generate_parts(params, source, part_rows, bar) if engine == "dask" else
+                  _generate_csv(params, source, out or workspace("raw")/_raw_folder(params), bar))
+    emit(result, as_json, records_table([result], ["version", "rows", "stores", "items", "start", "end", "engine", "out"],
+                                        title="generated" if result["created"] else "generated (version existed)"))
+
+# %% ../nbs/07_cli_data.ipynb #e92841ea
+def _raw_folder(p: dict) -> str:
+    "The default folder of a simulation's CSVs, named by its parameters (the sparsity knobs and drift only when set)."
+    knobs = "".join(f"-{k.replace('_', '')}{p[k]}" for k in ("new_items", "out_of_stock") if k in p)
+    drift = f"-drift-{p['drift'].replace('@', '-').replace(',', '_')}" if p.get("drift") else ""
+    return f"sim-s{p['stores']}-i{p['items']}-d{p['days']}-{p['start']}-seed{p['seed']}{knobs}{drift}"
+
+def _generate_csv(params: dict, source: str, out: Path, bar) -> dict:
+    "The pandas engine: the Kaggle CSVs in `out`, imported."
+    from cd4ml.imports import import_favorita
+    from cd4ml.simulate import generate
+    generate(out, **params)
+    ds, report = import_favorita(out, source=source, extra={"simulator": params},
+                                 on_progress=lambda file, rows: bar.update(bar.task_ids[0], description=f"reading {file}: {rows:,} rows"))
+    return _import_result(ds, report, out=str(out), engine="pandas")
+
+def _generate_parts(params: dict, source: str, part_rows: int | None, bar) -> dict:
+    "The dask engine: the simulation streamed into Parquet parts of the dataset."
+    from cd4ml.datasets import list_datasets
+    from cd4ml.scale import PART_ROWS, generate_partitioned
+    before = {m["version"] for m in list_datasets()}
+    ds = generate_partitioned(part_rows=part_rows or PART_ROWS, source=source, extra={"simulator": params},
+                              on_progress=lambda _, rows: bar.update(bar.task_ids[0], description=f"simulating: {rows:,} sales rows"),
+                              **params)
+    return _import_result(ds, {"created": ds.version not in before, "bad_rows": 0}, out=str(ds.path), engine="dask",
+                          parts=len(ds.parts("sales")))
 
 # %% ../nbs/07_cli_data.ipynb #d18e2975
 @data_app.command("import")

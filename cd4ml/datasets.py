@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, atomic_dir, hash_bytes, hash_frame, workspace, write_json
@@ -44,7 +45,17 @@ def normalize(name: str, df: pd.DataFrame) -> pd.DataFrame:
         if dt.startswith("datetime"): out[col] = pd.to_datetime(out[col]).dt.normalize().astype(dt)
         elif dt == "str": out[col] = out[col].astype("string").fillna("").astype(str)
         else: out[col] = out[col].astype(dt)
+    if _in_order(out, keys): return out.reset_index(drop=True)    # streamed chunks mostly are: checking is O(n)
     return out.sort_values(keys, kind="stable").reset_index(drop=True)
+
+def _in_order(df: pd.DataFrame, keys: list[str]) -> bool:
+    "Whether the rows are already sorted by `keys` (lexicographically, ties allowed)."
+    after, tied = np.zeros(max(len(df) - 1, 0), bool), np.ones(max(len(df) - 1, 0), bool)
+    for k in keys:
+        a = df[k].to_numpy()
+        after |= tied & (a[1:] > a[:-1])
+        tied &= a[1:] == a[:-1]
+    return bool((after | tied).all())
 
 # %% ../nbs/03_datasets.ipynb #9ac53486
 def data_root() -> Path: return workspace("data")

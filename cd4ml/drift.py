@@ -83,18 +83,20 @@ def drift_frame(ds: Dataset) -> pd.DataFrame:
                          **{k: v.astype("category") for k, v in labels.items()}})
 
 def coverage(ds: Dataset) -> dict:
-    "Date coverage of a dataset: start, end, days with sales, and days missing in between."
-    days = ds.sales.date.drop_duplicates()
+    "Date coverage of a dataset: start, end, days with sales, and days missing in between (read part by part, dates only)."
+    days = pd.concat([pd.read_parquet(p, columns=["date"]).date.drop_duplicates() for p in ds.parts("sales")]).drop_duplicates()
     span = (days.max() - days.min()).days + 1 if len(days) else 0
     step = 7 if ds.meta.get("freq") == "W" else 1
     return {"start": ds.meta["start"], "end": ds.meta["end"], "dates": int(len(days)),
             "missing_dates": int(max(span // step + (span % step > 0) - len(days), 0)) if len(days) else 0}
 
-def validation_report(ds: Dataset | str, reference: Dataset | str | None = None) -> dict:
+def validation_report(ds: Dataset | str, reference: Dataset | str | None = None,
+                      by_part: bool = True, # check a partitioned table one part at a time (see `check_dataset`)
+                     ) -> dict:
     "Checks of `ds`, its coverage, and drift of its sales against `reference` (if given)."
     ds = load_dataset(ds) if isinstance(ds, str) else ds
     ref = load_dataset(reference) if isinstance(reference, str) else reference
-    checks = check_dataset(ds)
+    checks = check_dataset(ds, by_part)
     report = {"version": ds.version, "reference": ref.version if ref else None,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "valid": all(c["passed"] for c in checks), "checks": checks,

@@ -17,7 +17,8 @@ from .datasets import TABLES, Dataset, normalize
 __all__ = ['WINDOW_DAYS', 'LOOKBACK_DAYS', 'CALENDAR', 'HOLIDAYS', 'PROMO', 'HISTORY', 'ATTRIBUTES', 'EXTERNAL', 'FEATURES',
            'tables_of', 'freq_of', 'period_of', 'History', 'series_key', 'history', 'series_stats', 'holiday_flags',
            'payday', 'oil_at', 'Context', 'context', 'feature_rows', 'family_weekday_sums', 'pool_family_weekday',
-           'family_weekday_partial', 'features_for', 'training_frame', 'forecast_origins']
+           'family_weekday_at', 'OriginStats', 'origin_stats', 'family_weekday_partial', 'repooled_family',
+           'lookback_start', 'features_for', 'training_frame', 'training_rows', 'forecast_origins']
 
 # %% ../nbs/11_features.ipynb #e126ffc4
 def tables_of(data: Dataset | dict,   # a stored dataset or a dict of tables (plus an optional "meta" dict)
@@ -78,12 +79,18 @@ def _positions(dates, start: pd.Timestamp, step: pd.Timedelta) -> np.ndarray:
 def history(sales: pd.DataFrame, # normalized sales; rows after `end` are ignored
             start, end,          # first and last period of the grid
             step: pd.Timedelta,  # one period
+            first_sale: pd.Series | None = None, # series key -> first sale date, when `sales` is only a window from `start` on
            ) -> History:
-    "The dense history matrix of `sales` over `start..end`; first-sale dates use all sales up to `end`."
+    "The dense history matrix of `sales` over `start..end`; series and first-sale dates from all sales up to `end` (or `first_sale`)."
     start, end = pd.Timestamp(start), pd.Timestamp(end)
     known = sales[sales.date <= end]
-    keys, inv = np.unique(series_key(known.store_nbr, known.item_nbr), return_inverse=True)
-    first = pd.Series(known.date.to_numpy()).groupby(inv).min().to_numpy()
+    if first_sale is None:
+        keys, inv = np.unique(series_key(known.store_nbr, known.item_nbr), return_inverse=True)
+        first = pd.Series(known.date.to_numpy()).groupby(inv).min().to_numpy()
+    else:
+        first_sale = first_sale[first_sale <= end].sort_index()
+        keys, first = first_sale.index.to_numpy(), first_sale.to_numpy()
+        inv = np.searchsorted(keys, series_key(known.store_nbr, known.item_nbr))
     n = int((end - start) // step) + 1
     dates = pd.date_range(start, periods=n, freq=step).to_numpy()
     inside = (known.date >= start).to_numpy()
@@ -203,12 +210,13 @@ def _check_requests(requests: pd.DataFrame, origin: pd.Timestamp):
 
 def feature_rows(ctx: Context, hist: History, origin, requests: pd.DataFrame,
                  family_pool: pd.DataFrame | None = None, # pooled weekday deviations (`pool_family_weekday`); None: pool over `hist`'s series
+                 stats: tuple | None = None,              # `series_stats(hist, origin)`, if computed already
                 ) -> pd.DataFrame:
     "`FEATURES` for `requests` (date, store_nbr, item_nbr, onpromotion) forecast from `origin`, in request order."
     origin = pd.Timestamp(origin)
     dates = pd.DatetimeIndex(pd.to_datetime(requests.date).to_numpy())
     store, item = requests.store_nbr.to_numpy().astype("int64"), requests.item_nbr.to_numpy().astype("int64")
-    stats, by_lag = series_stats(hist, origin)
+    stats, by_lag = stats or series_stats(hist, origin)
     key = series_key(store, item)
     at = np.clip(np.searchsorted(hist.keys, key), 0, max(len(hist.keys) - 1, 0))
     known = (hist.keys[at] == key) if len(hist.keys) else np.zeros(len(key), bool)
@@ -218,7 +226,7 @@ def feature_rows(ctx: Context, hist: History, origin, requests: pd.DataFrame,
     out = pd.DataFrame(stats.to_numpy()[at] if len(hist.keys) else np.nan, columns=stats.columns, index=requests.index)
     out[["last_same_dow", "dow_mean_4w", "dow_mean_8w"]] = seasonal
     if family_pool is None: family_pool = pool_family_weekday([family_weekday_sums(ctx, hist, stats, by_lag)])
-    out["family_dow_8w"] = _family_weekday(ctx, hist, family_pool)[at, (-ahead) % season] if len(hist.keys) else np.nan
+    out["family_dow_8w"] = family_weekday_at(family_pool, _families(ctx, hist)[at], (-ahead) % season) if len(hist.keys) else np.nan
     out.loc[~known, :] = np.nan
     out["days_ahead"] = ahead.astype("float64")
     out["dow"] = dates.day_of_week.astype("float64") if season > 1 else 0.0
@@ -250,9 +258,12 @@ def pool_family_weekday(sums: list[pd.DataFrame]) -> pd.DataFrame:
     count = total["count"]
     return (total["sum"] / count.where(count > 0)).astype("float64")
 
-def _family_weekday(ctx: Context, hist: History, pooled: pd.DataFrame) -> np.ndarray:
-    "Per series × weekday lag: the weekday's deviation from the 8-week mean, pooled over all series of the item's family."
-    return pooled.reindex(_families(ctx, hist)).to_numpy()
+def family_weekday_at(pooled: pd.DataFrame, # `pool_family_weekday`: family code -> deviation per weekday lag
+                      family: np.ndarray,   # each row's family code (-1: unknown)
+                      lag: np.ndarray,      # each row's weekday lag, (-periods ahead) % season
+                     ) -> np.ndarray:
+    "Each row's weekday deviation from the 8-week mean, pooled over all series of its family (NaN: none pooled)."
+    return pooled.reindex(family).to_numpy()[np.arange(len(family)), lag]
 
 def _store_traffic(transactions: pd.DataFrame | None, origin: pd.Timestamp) -> pd.Series:
     "log1p of each store's mean daily transactions over the 28 days up to the origin."
@@ -261,18 +272,44 @@ def _store_traffic(transactions: pd.DataFrame | None, origin: pd.Timestamp) -> p
     return np.log1p(recent.groupby("store_nbr").transactions.mean())
 
 # %% ../nbs/11_features.ipynb #8a0225fa
-def family_weekday_partial(data: Dataset | dict, # the dataset, or one partition of its series (whole stores)
-                           origins: list,        # forecast origins
-                          ) -> dict:
-    "Origin -> `family_weekday_sums` of the series in `data` (one history for all origins, as `training_frame`): its share of the pooling."
-    tables = tables_of(data, ["sales", "items", "stores"])
+class OriginStats(NamedTuple):
+    "What the rows of every origin are built from: computed once, for the sums and for the rows."
+    tables: dict          # the normalized tables (sales possibly a window of the history)
+    ctx: Context
+    hist: History         # from the lookback before the first origin to the last origin
+    stats: dict           # origin -> `series_stats(hist, origin)`
+
+def origin_stats(data: Dataset | dict, # the dataset, or one partition of its series (whole stores)
+                 origins: list,        # forecast origins
+                 first_sale: pd.Series | None = None, # series key -> first sale, when `data` holds a window of the sales (see `history`)
+                ) -> OriginStats:
+    "The history and each origin's series statistics, one history for all origins."
+    tables = tables_of(data)
     step, origins = period_of(freq_of(data)), sorted({pd.Timestamp(o) for o in origins})
-    hist = history(tables["sales"], origins[0] - step * (_lookback(step) - 1), origins[-1], step)
-    ctx = context(tables)
-    return {o: family_weekday_sums(ctx, hist, *series_stats(hist, o)) for o in origins}
+    _check_origins(tables["sales"], origins)
+    hist = history(tables["sales"], lookback_start(origins[0], step), origins[-1], step, first_sale)
+    return OriginStats(tables, context(tables), hist, {o: series_stats(hist, o) for o in origins})
+
+def family_weekday_partial(prep: OriginStats) -> dict:
+    "Origin -> `family_weekday_sums` of the series in `prep`: their share of the pooling."
+    return {o: family_weekday_sums(prep.ctx, prep.hist, *s) for o, s in prep.stats.items()}
+
+def repooled_family(frame: pd.DataFrame, # rows of `training_frame` (any origins)
+                    pools: dict,         # origin -> `pool_family_weekday` over more series than the frame's
+                   ) -> np.ndarray:
+    "The `family_dow_8w` column of `frame` pooled by `pools`, as `feature_rows` gives it with `family_pool`."
+    out = np.empty(len(frame))
+    for origin, at in frame.groupby("origin", sort=False).indices.items():
+        pooled = pools[origin]
+        lag = (-frame.days_ahead.to_numpy()[at].astype("int64")) % pooled.shape[1]
+        value = family_weekday_at(pooled, frame.family_code.to_numpy()[at], lag)
+        out[at] = np.where(np.isnan(value), 0.0, value)
+    return out
 
 # %% ../nbs/11_features.ipynb #efa6ae2e
-def _lookback(step: pd.Timedelta) -> int: return LOOKBACK_DAYS // step.days
+def lookback_start(origin, step: pd.Timedelta) -> pd.Timestamp:
+    "The first period any feature at `origin` reads (the longest window's first)."
+    return pd.Timestamp(origin) - step * (LOOKBACK_DAYS // step.days - 1)
 
 def _check_origins(sales: pd.DataFrame, origins: list[pd.Timestamp]):
     "Origins must lie within the sales history: after its end, the recent past is unknown, not zero."
@@ -292,26 +329,27 @@ def features_for(data: Dataset | dict,      # the dataset holding the history
     step = period_of(freq_of(data))
     _check_origins(tables["sales"], [origin])
     sales = tables["sales"][tables["sales"].date <= origin]
-    hist = history(sales, origin - step * (_lookback(step) - 1), origin, step)
+    hist = history(sales, lookback_start(origin, step), origin, step)
     return feature_rows(context(tables), hist, origin, requests)
 
 # %% ../nbs/11_features.ipynb #9a334a4d
 def training_frame(data: Dataset | dict,  # the dataset
                    origins: list,         # forecast origins (dates)
                    horizon: int,          # periods ahead: targets are origin+1 .. origin+horizon
-                   family_pool: dict | None = None, # origin -> `pool_family_weekday` over more series than `data`'s (the dask engine's partitions)
                   ) -> pd.DataFrame:
     "Rows (origin, date, store_nbr, item_nbr, onpromotion, *FEATURES, unit_sales, weight[, expected]) for every origin."
     if not len(origins) or horizon < 1: raise Cd4mlError(f"training_frame needs origins and horizon >= 1; got {len(origins)} origins, horizon {horizon}")
-    tables = tables_of(data)
-    step = period_of(freq_of(data))
-    origins = sorted({pd.Timestamp(o) for o in origins})
-    sales = tables["sales"]
-    _check_origins(sales, origins)
-    hist = history(sales, origins[0] - step * (_lookback(step) - 1), origins[-1], step)
-    ctx = context(tables)
+    return training_rows(origin_stats(data, origins), horizon)
+
+def training_rows(prep: OriginStats, # `origin_stats` of the data
+                  horizon: int,       # periods ahead
+                 ) -> pd.DataFrame:
+    "`training_frame`'s rows from the history and statistics already computed; `family_dow_8w` pooled over `prep`'s series."
+    tables, ctx, hist = prep.tables, prep.ctx, prep.hist
+    sales, step = tables["sales"], hist.step
+    pools = {o: pool_family_weekday([s]) for o, s in family_weekday_partial(prep).items()}
     frames = []
-    for origin in origins:
+    for origin in prep.stats:
         keys = hist.keys[hist.first <= origin.to_datetime64()]
         targets = pd.date_range(origin + step, periods=horizon, freq=step)
         window = sales[(sales.date > origin) & (sales.date <= targets[-1])]
@@ -321,8 +359,7 @@ def training_frame(data: Dataset | dict,  # the dataset
         rows = rows.merge(window[["date", "store_nbr"]].drop_duplicates(), on=["date", "store_nbr"])  # drop closed days
         rows = rows.merge(window, on=["date", "store_nbr", "item_nbr"], how="left")
         rows["onpromotion"] = rows.onpromotion.fillna(False).astype(bool)
-        pool = family_pool[origin] if family_pool is not None else None
-        frames.append(pd.concat([rows, feature_rows(ctx, hist, origin, rows, pool)], axis=1))
+        frames.append(pd.concat([rows, feature_rows(ctx, hist, origin, rows, pools[origin], prep.stats[origin])], axis=1))
     out = pd.concat(frames, ignore_index=True)
     out["unit_sales"] = out.unit_sales.fillna(0.0)
     out["weight"] = np.where(out.perishable == 1, 1.25, 1.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib, hashlib, json, os, shutil, sys, uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -15,13 +16,13 @@ import pyarrow.parquet as pq
 
 from .core import Cd4mlError, hash_frame, write_json
 from .datasets import TABLES, Dataset, data_root, load_dataset, normalize, version_of_hashes
-from .features import (LOOKBACK_DAYS, family_weekday_partial, freq_of, period_of, pool_family_weekday,
-                            tables_of, training_frame)
+from .features import (family_weekday_partial, freq_of, lookback_start, origin_stats, period_of, pool_family_weekday,
+                            repooled_family, series_key, training_rows)
 
 # %% auto #0
-__all__ = ['PARTITIONED', 'PART_ROWS', 'TRAINING_DEFAULTS', 'stores_per_part', 'part_of', 'generate_partitioned',
-           'partition_dataset', 'daily_units', 'training_config', 'in_sample', 'sampled', 'dask_client',
-           'write_training_frame']
+__all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'stores_per_part', 'part_of', 'write_first_sales',
+           'first_sales', 'generate_partitioned', 'partition_dataset', 'daily_units', 'training_config', 'in_sample',
+           'sampled', 'dask_client', 'write_training_frame']
 
 # %% ../nbs/13_scale.ipynb #4bd2e5e4
 PARTITIONED = ("sales", "truth")   # the tables stored as parts; the others are small and broadcast
@@ -57,9 +58,12 @@ class _PartWriter:
         if name == "sales" and len(chunk):
             self.hash.update(pd.util.hash_pandas_object(chunk, index=False).to_numpy().tobytes())
             self.dates += [chunk.date.min(), chunk.date.max()]
-            self.stores.update(np.unique(chunk.store_nbr).tolist()); self.items.update(np.unique(chunk.item_nbr).tolist())
-        for p in np.unique(part):
-            self.writers[name][p].write_table(pa.Table.from_pandas(chunk[part == p], schema=self.schemas[name], preserve_index=False))
+            self.stores.update(pd.unique(chunk.store_nbr).tolist()); self.items.update(pd.unique(chunk.item_nbr).tolist())
+        order = np.argsort(part, kind="stable")                  # each part's rows together, in chunk order
+        table = pa.Table.from_pandas(chunk, schema=self.schemas[name], preserve_index=False).take(order)
+        bounds = np.searchsorted(part[order], np.arange(len(self.writers[name]) + 1))
+        for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b > a: self.writers[name][p].write_table(table.slice(a, b - a))
 
     def close(self):
         for ws in self.writers.values():
@@ -71,16 +75,37 @@ class _PartWriter:
                 "end": max(self.dates).date().isoformat() if self.dates else None,
                 "stores": len(self.stores), "items": len(self.items)}
 
+# %% ../nbs/13_scale.ipynb #d1fd5fbf
+FIRST_SALE = "first_sale"   # beside the sales parts: per part, each series' first sale date
+
+def write_first_sales(folder: Path):
+    "Per part of `folder/sales`, each series' first sale date, into `folder/first_sale/` (installed whole by a rename)."
+    tmp = folder/f".{FIRST_SALE}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for path in sorted((folder/"sales").glob("part-*.parquet")):
+            first = pq.read_table(path, columns=["store_nbr", "item_nbr", "date"]).group_by(["store_nbr", "item_nbr"]).aggregate([("date", "min")])
+            first = pa.table({"store_nbr": first["store_nbr"], "item_nbr": first["item_nbr"], "date": first["date_min"]})
+            pq.write_table(first.sort_by([("store_nbr", "ascending"), ("item_nbr", "ascending")]), tmp/path.name)
+        if not (folder/FIRST_SALE).exists(): tmp.rename(folder/FIRST_SALE)   # else another process just did: the same content
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
+def first_sales(path: Path) -> pd.Series:
+    "A part's first sales as series key -> date (see `cd4ml.features.history`)."
+    first = pd.read_parquet(path)
+    return pd.Series(first.date.to_numpy(), index=series_key(first.store_nbr, first.item_nbr))
+
 # %% ../nbs/13_scale.ipynb #856e5d17
 def _store_parts(tmp: Path, version: str, meta: dict | None) -> Dataset:
-    "Install the parts (and small tables) built in `tmp` as dataset `version`; `meta` is written if the version is new."
+    "Install the parts (and small tables) built in `tmp`, with their first sales, as dataset `version`; `meta` is written if the version is new."
+    write_first_sales(tmp)
     final = data_root()/version
     if not (final/"meta.json").exists():
         write_json(tmp/"meta.json", meta)
         if final.exists(): shutil.rmtree(final)
         tmp.rename(final)
         return load_dataset(version)
-    for t in PARTITIONED:
+    for t in (*PARTITIONED, FIRST_SALE):
         if (tmp/t).is_dir() and not (final/t).is_dir(): (tmp/t).rename(final/t)
     shutil.rmtree(tmp, ignore_errors=True)
     return load_dataset(version)
@@ -91,17 +116,17 @@ def _tmp_dir() -> Path:
     return d
 
 # %% ../nbs/13_scale.ipynb #f95bcbaa
-def generate_partitioned(stores: int = 10, items: int = 50, days: int = 730, start: str = "2015-01-01", seed: int = 0,
-                         drift=None,                  # simulator drift (see `cd4ml.simulate.parse_drift`)
-                         part_rows: int = PART_ROWS,  # about this many sales rows per part
+def generate_partitioned(part_rows: int = PART_ROWS,  # about this many sales rows per part
                          source: str | None = None,   # for meta.json (default: the simulator parameters)
                          extra: dict | None = None,   # more facts for meta.json
+                         on_progress: Callable[[str, int], None] | None = None, # called with ('sales', rows so far) per block
+                         **sim,                       # simulator parameters: stores, items, days, start, seed, drift, ... (see `simulate`)
                         ) -> Dataset:
     "Simulate straight into a partitioned dataset, one 28-day block at a time."
     from cd4ml.simulate import _blocks, _frame, _static_tables, _world
-    world = _world(stores, items, days, start, seed, drift)
+    world = _world(**sim)
     all_stores = np.sort(world.stores.store_nbr.to_numpy())
-    per_part = stores_per_part(0.5 * items * days, part_rows)       # about half the store-item-days sell
+    per_part = stores_per_part(0.5 * len(world.items) * len(world.dates), part_rows)   # at most half the store-item-days sell
     n_parts = -(-len(all_stores) // per_part)
     tmp = _tmp_dir()
     try:
@@ -112,11 +137,11 @@ def generate_partitioned(stores: int = 10, items: int = 50, days: int = 730, sta
                     chunk = normalize(name, _frame(raw))
                     writer.write(name, chunk, part_of(chunk.store_nbr.to_numpy(), all_stores, per_part))
                 transactions.append(_frame(block["transactions"]))
+                if on_progress: on_progress("sales", writer.rows["sales"])
         finally: writer.close()
         small = {("holidays" if k == "holidays_events" else k): v for k, v in _static_tables(world).items()}
         small["transactions"] = pd.concat(transactions, ignore_index=True)
-        return _finish(tmp, writer, small, source or "simulator " + " ".join(
-            f"{k}={v}" for k, v in dict(stores=stores, items=items, days=days, start=start, seed=seed).items()), extra)
+        return _finish(tmp, writer, small, source or "simulator " + " ".join(f"{k}={v}" for k, v in sim.items()), extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -224,27 +249,33 @@ def _small_tables(ds: Dataset) -> dict:
     small = {t: ds.table(t) for t in TABLES if t not in PARTITIONED and t != "keys" and t in ds}
     return {**small, "meta": {"freq": freq_of(ds)}}
 
-def _part_data(small: dict, sales: Path, truth: Path | None, first: pd.Timestamp, last: pd.Timestamp) -> dict:
-    "One part's tables: its sales up to `last`, its truth of the days after `first` up to `last`."
-    out = {**small, "sales": pd.read_parquet(sales, filters=[("date", "<=", last)])}
-    if truth is not None: out["truth"] = pd.read_parquet(truth, filters=[("date", ">", first), ("date", "<=", last)])
+def _part_window(small: dict, sales: Path, truth: Path | None, origins: list, horizon: int) -> dict:
+    "One part's tables in the window its origins read: sales from the lookback start to the last target, truth of the targets."
+    step = period_of(small["meta"]["freq"])
+    start, last = lookback_start(origins[0], step), origins[-1] + step * horizon
+    out = {**small, "sales": pd.read_parquet(sales, filters=[("date", ">=", start), ("date", "<=", last)])}
+    if truth is not None: out["truth"] = pd.read_parquet(truth, filters=[("date", ">", origins[0]), ("date", "<=", last)])
     return out
 
-def _part_sums(small, sales, origins):
-    return family_weekday_partial(_part_data(small, sales, None, origins[-1], origins[-1]), origins)
-
-def _pools(sums: list[dict], origins: list) -> dict:
-    return {o: pool_family_weekday([s[o] for s in sums]) for o in origins}
-
-def _part_frame(small, sales, truth, origins, horizon, pools, training, path):
-    "Write one part's training rows (one row group per origin) to `path`; its row count."
-    last = origins[-1] + period_of(small["meta"]["freq"]) * horizon
-    frame = sampled(training_frame(_part_data(small, sales, truth, origins[0], last), origins, horizon, family_pool=pools), training)
+def _part_frame(small, sales, truth, first, origins, horizon, training, path) -> dict:
+    "Write one part's training rows (one row group per origin) to `path`; its family sums per origin."
+    prep = origin_stats(_part_window(small, sales, truth, origins, horizon), origins, first_sales(first))
+    frame = sampled(training_rows(prep, horizon), training)
     schema = pa.Schema.from_pandas(frame, preserve_index=False)
     with pq.ParquetWriter(path, schema) as writer:
         for _, rows in frame.groupby("origin", sort=True):
             writer.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False))
-    return len(frame)
+    return family_weekday_partial(prep)
+
+def _part_files(ds: Dataset) -> list[tuple]:
+    "(sales, truth or None, first sales) per part; the first sales are written first if the dataset predates them."
+    parts = ds.parts("sales")
+    if FIRST_SALE not in ds: write_first_sales(ds.path)
+    truths = ds.parts("truth") if "truth" in ds else [None] * len(parts)
+    firsts = ds.parts(FIRST_SALE)
+    if not len(truths) == len(firsts) == len(parts):
+        raise Cd4mlError(f"dataset {ds.version}: {len(parts)} sales parts but {len(truths)} truth and {len(firsts)} first-sale parts")
+    return list(zip(parts, truths, firsts))
 
 def write_training_frame(ds: Dataset,            # a partitioned dataset (see `partition_dataset`)
                          origins: list,          # forecast origins
@@ -254,26 +285,22 @@ def write_training_frame(ds: Dataset,            # a partitioned dataset (see `p
                          training: dict | None = None, # `training_config(...)`: sample the series, or None/full: all rows
                         ) -> int:
     "Write `training_frame(ds, origins, horizon)` (sampled per `training`) to `path`, computed on `client` part by part; its row count."
-    parts = ds.parts("sales")
-    truths = ds.parts("truth") if "truth" in ds else [None] * len(parts)
-    if len(truths) != len(parts): raise Cd4mlError(f"dataset {ds.version}: {len(parts)} sales parts but {len(truths)} truth parts")
+    files = _part_files(ds)
     small = client.scatter([_small_tables(ds)], broadcast=True, hash=False)[0]   # a new key per call: a content key would be
                                                                                   # shared with (and released by) a previous call
     origins = sorted({pd.Timestamp(o) for o in origins})
     path = Path(path)
     scratch = path.parent/f".{path.name}.parts-{uuid.uuid4().hex[:8]}"
     scratch.mkdir(parents=True)
-    files = [scratch/f"part-{i:05d}.parquet" for i in range(len(parts))]
+    outs = [scratch/f"part-{i:05d}.parquet" for i in range(len(files))]
     writer, rows = None, 0
     try:
-        sums = [client.submit(_part_sums, small, p, origins, pure=False) for p in parts]              # pass 1
-        pools = client.submit(_pools, sums, origins, pure=False)                                      # the reduce
-        done = [client.submit(_part_frame, small, p, t, origins, horizon, pools, training, f, pure=False)
-                for p, t, f in zip(parts, truths, files)]                                             # pass 2
-        client.gather(done)
-        del sums, pools, done
+        sums = client.gather([client.submit(_part_frame, small, s, t, f, origins, horizon, training, out, pure=False)
+                              for (s, t, f), out in zip(files, outs)])                        # map: one read per part
+        pools = {o: pool_family_weekday([s[o] for s in sums]) for o in origins}               # reduce
         for o in origins:                        # one origin of all parts at a time, in the pandas engine's row order
-            frame = pd.concat([pd.read_parquet(f, filters=[("origin", "==", o)]) for f in files], ignore_index=True)
+            frame = pd.concat([pd.read_parquet(f, filters=[("origin", "==", o)]) for f in outs], ignore_index=True)
+            frame["family_dow_8w"] = repooled_family(frame, pools)
             frame = frame.sort_values(["date", "store_nbr", "item_nbr"], kind="stable", ignore_index=True)
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if writer is None: writer = pq.ParquetWriter(path, table.schema)

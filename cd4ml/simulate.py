@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 from .core import Cd4mlError, atomic_dir
 
 # %% auto #0
-__all__ = ['FAMILIES', 'CORE_FAMILIES', 'WEEKLY', 'NB_DISPERSION', 'OOS_BETA', 'POP_MU', 'POP_SIGMA', 'CITIES', 'STORE_TYPES',
-           'NATIONAL', 'MOVABLE', 'FOUNDATION', 'HOLIDAY_LIFT', 'SPECIAL_DAYS', 'OIL_LAG', 'OIL_WINDOW',
-           'OIL_ELASTICITY', 'OIL_PRE', 'DRIFT_KINDS', 'BLOCK', 'TRAFFIC_SIGMA', 'TX_SIGMA', 'DIP', 'RETURN_RATE',
-           'KG_SHAPE', 'COLUMNS', 'Drift', 'parse_drift', 'drift_factors', 'simulate', 'generate', 'sim_size']
+__all__ = ['FAMILIES', 'CORE_FAMILIES', 'WEEKLY', 'NB_DISPERSION', 'OOS_BETA', 'OUT_OF_STOCK', 'POP_MU', 'POP_SIGMA', 'NEW_ITEMS',
+           'CITIES', 'STORE_TYPES', 'NATIONAL', 'MOVABLE', 'FOUNDATION', 'HOLIDAY_LIFT', 'SPECIAL_DAYS', 'OIL_LAG',
+           'OIL_WINDOW', 'OIL_ELASTICITY', 'OIL_PRE', 'DRIFT_KINDS', 'BLOCK', 'TRAFFIC_SIGMA', 'TX_SIGMA', 'DIP',
+           'RETURN_RATE', 'KG_SHAPE', 'COLUMNS', 'PRESETS', 'Drift', 'parse_drift', 'drift_factors', 'simulate',
+           'generate', 'sim_size', 'preset_params']
 
 # %% ../nbs/02_simulate.ipynb #71fbb864
 def _rng(seed: int, *key) -> np.random.Generator:
@@ -52,24 +53,26 @@ CORE_FAMILIES = ["GROCERY I", "BEVERAGES", "PRODUCE", "CLEANING", "DAIRY", "BREA
                  "PERSONAL CARE", "DELI", "EGGS", "FROZEN FOODS", "SEAFOOD"]   # every simulation has these
 WEEKLY = np.array([0.86, 0.76, 0.79, 0.78, 0.95, 1.43, 1.56])                 # Mon..Sun, weekend peak
 NB_DISPERSION, OOS_BETA = 15.0, 150.0   # typical negative binomial size r (Var = μ + μ²/r); out-of-stock rarity
+OUT_OF_STOCK = 1.2 / (1.2 + OOS_BETA)   # default mean share of days an item is out of stock in a store (0.8 %)
 POP_MU, POP_SIGMA = 0.4, 1.4           # item popularity: lognormal, heavy-tailed
+NEW_ITEMS = 0.08                       # default share of items launched mid-history
 
 # %% ../nbs/02_simulate.ipynb #3d95f1c4
-def _items(n: int, days: int, seed: int) -> pd.DataFrame:
-    "Item attributes: the public `items` columns plus the simulator's hidden parameters."
+def _items(n: int, days: int, seed: int, new_items: float = NEW_ITEMS, out_of_stock: float = OUT_OF_STOCK) -> pd.DataFrame:
+    "Item attributes: the public `items` columns plus the simulator's hidden parameters (see `simulate` for the last two)."
     rng = _rng(seed, "items")
     fam_idx = np.r_[FAMILIES.index[FAMILIES.family.isin(CORE_FAMILIES)].to_numpy()[:n],
                     rng.choice(len(FAMILIES), max(n - len(CORE_FAMILIES), 0), p=_flat(FAMILIES.n_items))]
     fam_idx = rng.permutation(fam_idx)
     fam = FAMILIES.iloc[fam_idx].reset_index(drop=True)
-    n_new = int(round(0.08 * n)) if n >= 10 else 0
+    n_new = int(round(new_items * n)) if n >= 10 else 0
     launch = np.zeros(n, int)
     launch[rng.choice(n, n_new, replace=False)] = rng.integers(days // 4, 3 * days // 4, n_new)
     df = pd.DataFrame({
         "family": fam.family, "class": 1000 + 100 * fam_idx + rng.integers(0, 12, n) * 2, "perishable": fam.perishable,
         "weighed": rng.random(n) < fam.weighed, "popularity": fam.level * rng.lognormal(POP_MU, POP_SIGMA, n),
         "promo_share": fam.promo * rng.lognormal(0.1, 0.45, n), "promo_lift": 2.0 * rng.lognormal(0, 0.12, n),
-        "p_oos": rng.beta(1.2, OOS_BETA, n), "dispersion": rng.lognormal(np.log(NB_DISPERSION), 0.3, n),
+        "p_oos": np.minimum(rng.beta(1.2, OOS_BETA, n) * (out_of_stock / OUT_OF_STOCK), 0.9), "dispersion": rng.lognormal(np.log(NB_DISPERSION), 0.3, n),
         "kg_per_unit": rng.lognormal(np.log(0.8), 0.35, n), "launch": launch})
     df = df.assign(order=rng.random(n)).sort_values(["launch", "order"], kind="stable").drop(columns="order")
     ids = np.sort(rng.choice(np.arange(96_995, 2_130_000), n, replace=False))
@@ -291,9 +294,13 @@ class _World:
     shifts: dict = field(default_factory=dict)   # drift kind -> factor per day (see `parse_drift`); empty: none
     launched: list = field(default_factory=list) # sub-worlds of items launched by an `items` drift (see `_launched`)
 
-def _world(stores: int, items: int, days: int, start: str, seed: int, drift=None) -> _World:
+def _world(stores: int = 10, items: int = 50, days: int = 730, start: str = "2015-01-01", seed: int = 0, drift=None,
+           new_items: float = NEW_ITEMS, out_of_stock: float = OUT_OF_STOCK) -> _World:
+    "Everything but the random sales, for `simulate`'s parameters (the same defaults)."
+    for name, share in (("new_items", new_items), ("out_of_stock", out_of_stock)):
+        if not 0 <= share <= 1: raise Cd4mlError(f"{name} = {share!r}: a share, it must be between 0 and 1")
     dates = pd.date_range(start, periods=days)
-    it, st = _items(items, days, seed), _stores(stores, days, seed)
+    it, st = _items(items, days, seed, new_items, out_of_stock), _stores(stores, days, seed)
     hol = _holidays(dates[0].date(), dates[-1].date(), seed)
     oil = _oil(days, seed)
     t = np.arange(days)
@@ -451,9 +458,11 @@ def simulate(stores: int = 10,         # number of stores (store_nbr 1..stores)
              start: str = "2015-01-01",  # first day
              seed: int = 0,            # same seed, same data
              drift=None,               # optional changes from a date on, e.g. 'level=1.5@2016-10-01' (see `parse_drift`)
+             new_items: float = NEW_ITEMS, # share of the items launched mid-history: more, sparser early years
+             out_of_stock: float = OUT_OF_STOCK, # mean share of days an item is out of stock in a store: more, sparser everywhere
             ) -> dict[str, pd.DataFrame]:
     "The raw Kaggle Favorita tables plus `truth`, the expected demand of every open store-item-day."
-    world = _world(stores, items, days, start, seed, drift)
+    world = _world(stores, items, days, start, seed, drift, new_items, out_of_stock)
     blocks = list(_blocks(world))
     out = {name: _frame({c: np.concatenate([b[name][c] for b in blocks]) for c in blocks[0][name]})
            for name in ("train", "truth", "transactions")}
@@ -489,10 +498,12 @@ def generate(out: Path | str,            # folder to write (replaced atomically 
              stores: int = 10, items: int = 50, days: int = 730, start: str = "2015-01-01", seed: int = 0,
              chunk_stores: int | None = None,  # stores simulated together (None: all); caps memory, not results
              drift=None,                       # optional changes from a date on (see `parse_drift`)
+             new_items: float = NEW_ITEMS,     # share of the items launched mid-history (see `simulate`)
+             out_of_stock: float = OUT_OF_STOCK, # mean share of out-of-stock days (see `simulate`)
             ) -> dict:
     "Write the Kaggle Favorita CSVs and `truth.parquet` into `out`; the same numbers as `simulate()`."
     began, out = time.time(), Path(out)
-    world = _world(stores, items, days, start, seed, drift)
+    world = _world(stores, items, days, start, seed, drift, new_items, out_of_stock)
     rows, transactions = 0, []
     with atomic_dir(out, replace=True) as tmp:
         with open(tmp/"train.csv", "wb") as f, pq.ParquetWriter(tmp/"truth.parquet", _TRUTH_SCHEMA) as truth:
@@ -509,9 +520,10 @@ def generate(out: Path | str,            # folder to write (replaced atomically 
     return {"out": str(out), "rows": rows, "files": files, "seconds": round(time.time() - began, 3)}
 
 # %% ../nbs/02_simulate.ipynb #d834f34d
-def _estimate_rows(stores: int, items: int, days: int, seed: int = 0, samples: int = 8) -> float:
+def _estimate_rows(stores: int, items: int, days: int, start: str = "2015-01-01", seed: int = 0,
+                   new_items: float = NEW_ITEMS, out_of_stock: float = OUT_OF_STOCK, samples: int = 8) -> float:
     "Train rows `simulate` would give, extrapolated from `samples` blocks spread over the history."
-    world = _world(stores, items, days, "2015-01-01", seed)
+    world = _world(stores, items, days, start, seed, None, new_items, out_of_stock)
     starts = sorted({int(t) // BLOCK * BLOCK for t in np.linspace(0, days - 1, samples)})
     rows = sum(len(_block_rows(world, t0, min(t0 + BLOCK, days), None)["train"]["date"]) for t0 in starts)
     return rows * days / sum(min(t0 + BLOCK, days) - t0 for t0 in starts)
@@ -524,5 +536,20 @@ def sim_size(rows: int,      # wanted number of train rows
     store_items = rows / 0.5 / days                     # about half the store-item-days sell
     stores = int(np.clip(round(np.sqrt(store_items / 30)), 2, 54))
     items = max(10, round(store_items / stores))
-    for _ in range(2): items = max(10, round(items * rows / _estimate_rows(stores, items, days, seed)))
+    for _ in range(2): items = max(10, round(items * rows / _estimate_rows(stores, items, days, seed=seed)))
     return {"stores": stores, "items": items, "days": days}
+
+# %% ../nbs/02_simulate.ipynb #87571a46
+_KAGGLE = {"days": 1688, "start": "2013-01-01", "new_items": 0.4, "out_of_stock": 0.28, "engine": "dask"}
+PRESETS = {   # name -> simulator parameters (absent ones: `simulate`'s defaults) and the engine storing the output
+    "small": {"stores": 10, "items": 50, "days": 730, "start": "2015-01-01", "engine": "pandas"},
+    "medium": {"stores": 54, "items": 650, **_KAGGLE},      # ~20 M rows
+    "favorita": {"stores": 54, "items": 4100, **_KAGGLE},   # ~125 M rows, Kaggle's train.csv
+}
+
+def preset_params(preset: str = "small", # a name in `PRESETS`
+                  **given,                 # parameters given explicitly (None: not given); they override the preset's
+                 ) -> dict:
+    "The parameters of `preset` with the explicitly `given` ones on top."
+    if preset not in PRESETS: raise Cd4mlError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}

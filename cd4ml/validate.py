@@ -20,7 +20,7 @@ from .datasets import TABLES, Dataset
 __all__ = ['ISSUE_COLUMNS', 'BAD_ROW_MODES', 'TRUE_WORDS', 'FALSE_WORDS', 'NUMERIC_KINDS', 'KINDS', 'DATE_MIN', 'INT32_MAX',
            'CHUNK_ROWS', 'issues_frame', 'describe_issue', 'raise_first', 'check_mode', 'parse_column', 'date_max',
            'column_checks', 'content_schema', 'content_issues', 'read_header', 'check_header', 'read_checked',
-           'read_table', 'duplicate_keys', 'unknown_keys', 'check_dataset']
+           'read_table', 'duplicate_keys', 'unknown_keys', 'table_pieces', 'check_table', 'check_dataset']
 
 # %% ../nbs/04_validate.ipynb #3ce5b131
 ISSUE_COLUMNS = ["file", "line", "column", "value", "reason"]
@@ -256,27 +256,62 @@ def _dtype_ok(series: pd.Series, dtype: str) -> bool:
     if dtype == "str": return pd.api.types.is_string_dtype(series) or series.dtype == object
     return str(series.dtype) == dtype
 
-def check_dataset(ds: Dataset) -> list[dict]:
-    "Schema and content checks of every table of stored dataset `ds`."
-    results = []
-    def add(check, passed, detail=""): results.append({"check": check, "passed": bool(passed), "detail": detail})
-    for name, (dtypes, keys) in TABLES.items():
-        if name not in ds: continue
-        df = ds.table(name)
-        wrong = [f"{c}: {df[c].dtype} (want {t})" for c, t in dtypes.items() if c not in df or not _dtype_ok(df[c], t)]
-        add(f"{name}: schema", not wrong, "; ".join(wrong))
+def table_pieces(ds: Dataset, name: str,
+                 by_part: bool = True, # a partitioned table one stored part at a time (False: whole, as the pandas engine reads it)
+                ) -> Iterator[tuple[str, pd.DataFrame]]:
+    "Table `name` as (label, frame): whole (label `sales`), or one stored part at a time (`sales/part-00003.parquet`)."
+    if not (by_part and (ds.path/name).is_dir()): yield name, ds.table(name); return
+    for path in ds.parts(name): yield f"{name}/{path.name}", pd.read_parquet(path)
+
+# %% ../nbs/04_validate.ipynb #ca3efa85
+def check_table(name: str,   # a table of `TABLES`
+                pieces,      # its (label, frame) pieces, e.g. `table_pieces(ds, name)`; each is read once
+               ) -> tuple[list[dict], dict]:
+    "Schema, value, missing and key checks of table `name` over its pieces; and its rows and distinct stores and items."
+    dtypes, keys = TABLES[name]
+    schema = content_schema({c: "checked" for c in dtypes})
+    wrong, shown, bad, nulls, dups, shared = [], [], 0, set(), 0, set()
+    facts, part_of = {"rows": 0, "store_nbr": set(), "item_nbr": set()}, {}
+    for label, df in pieces:
+        facts["rows"] += len(df)
+        for col in ("store_nbr", "item_nbr"):
+            if col in df: facts[col].update(pd.unique(df[col]).tolist())
+        if "store_nbr" in keys and label != name:         # parts must hold whole stores: a key repeated across parts is missed
+            stores = pd.unique(df.store_nbr).tolist()
+            shared.update(s for s in stores if part_of.setdefault(s, label) != label)
+        wrong += [w for w in (f"{c}: {df[c].dtype} (want {t})" for c, t in dtypes.items() if c not in df or not _dtype_ok(df[c], t))
+                  if w not in wrong]
         if wrong: continue
-        bad = content_issues(df, content_schema({c: "checked" for c in dtypes}), name)
-        add(f"{name}: values", not len(bad), "; ".join(describe_issue(r).replace(" line ", " row ") for _, r in bad.head(3).iterrows()))
-        nulls = [c for c in dtypes if c in df and df[c].isna().any() and c != "dcoilwtico"]
-        add(f"{name}: no missing values", not nulls, f"missing in {nulls}" if nulls else "")
-        if name in ("sales", "items", "stores", "transactions", "truth", "keys"):
-            dups = int(df.duplicated(keys).sum())
-            add(f"{name}: unique {'/'.join(keys)}", dups == 0, f"{dups} repeated keys" if dups else "")
-    sales = ds.sales
+        issues = content_issues(df, schema, label)
+        bad += len(issues)
+        shown += [describe_issue(r).replace(" line ", " row ") for _, r in issues.head(3 - len(shown)).iterrows()]
+        nulls.update(c for c in dtypes if df[c].isna().any() and c != "dcoilwtico")
+        dups += int(df.duplicated(keys).sum())
+    out = [{"check": f"{name}: schema", "passed": not wrong, "detail": "; ".join(wrong)}]
+    if wrong: return out, facts
+    nulls = [c for c in dtypes if c in nulls]
+    out += [{"check": f"{name}: values", "passed": not bad, "detail": "; ".join(shown)},
+            {"check": f"{name}: no missing values", "passed": not nulls, "detail": f"missing in {nulls}" if nulls else ""}]
+    if name in ("sales", "items", "stores", "transactions", "truth", "keys"):
+        detail = f"{dups} repeated keys" if dups else f"store(s) {sorted(shared)[:5]} in more than one part" if shared else ""
+        out.append({"check": f"{name}: unique {'/'.join(keys)}", "passed": not detail, "detail": detail})
+    return out, facts
+
+# %% ../nbs/04_validate.ipynb #df0a9130
+def check_dataset(ds: Dataset,
+                  by_part: bool = True, # read a partitioned table one part at a time (bounded memory); False: whole
+                 ) -> list[dict]:
+    "Schema and content checks of every table of stored dataset `ds`."
+    results, sales = [], None
+    for name in TABLES:
+        if name not in ds: continue
+        checks, facts = check_table(name, table_pieces(ds, name, by_part))
+        results += checks
+        if name == "sales": sales = facts
+    add = lambda check, passed, detail="": results.append({"check": check, "passed": bool(passed), "detail": detail})
     for table, col in (("items", "item_nbr"), ("stores", "store_nbr")):
         if table in ds:
-            unknown = sorted(set(sales[col].unique().tolist()) - set(ds.table(table)[col].tolist()))
+            unknown = sorted(sales[col] - set(ds.table(table)[col].tolist()))
             add(f"sales: every {col} in {table}", not unknown, f"unknown: {unknown[:5]}" if unknown else "")
-    add("sales: not empty", len(sales) > 0, f"{len(sales)} rows")
+    add("sales: not empty", sales["rows"] > 0, f"{sales['rows']} rows")
     return results

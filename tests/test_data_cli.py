@@ -218,3 +218,24 @@ def test_generate_from_simulator(workspace, tmp_path):
     assert "truth" in load_dataset(out["version"])
     again = cd4ml_json("data", "generate", *args)
     assert (again["version"], again["created"]) == (out["version"], False)
+
+
+def test_generate_partitioned_and_validate_part_by_part(workspace, tmp_path):
+    "`--engine dask` streams Parquet parts (the version is the pandas engine's); `data validate` names a bad part."
+    args = ["--stores", 3, "--items", 4, "--days", 60, "--part-rows", 100]     # ~120 rows a store: one store a part
+    csv = cd4ml_json("data", "generate", *args[:-2], "--engine", "pandas")
+    parts = cd4ml_json("data", "generate", *args, "--engine", "dask")
+    assert (parts["version"], parts["engine"], parts["parts"], parts["created"]) == (csv["version"], "dask", 3, False)
+    ds = load_dataset(parts["version"])
+    files = sorted(p.name for p in (ds.path/"sales").iterdir())
+    assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    r = cd4ml("data", "validate", ds.version, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [c["check"] for c in json.loads(r.stdout)["checks"] if not c["passed"]] == []
+    part = pd.read_parquet(ds.path/"sales"/files[1])
+    part.loc[5, "unit_sales"] = float("inf")
+    part.to_parquet(ds.path/"sales"/files[1], index=False)
+    r = cd4ml("data", "validate", ds.version, "--json")
+    assert r.exit_code == 2
+    failed = {c["check"]: c["detail"] for c in json.loads(r.stdout)["checks"] if not c["passed"]}
+    assert failed == {"sales: values": "sales/part-00001.parquet row 5, column 'unit_sales': 'inf' is not a finite number"}

@@ -32,7 +32,12 @@ def test_dask_engine_equals_pandas(tmp_path):
     assert dask_full["dataset"] == pandas_full["dataset"]                  # same content, same version
     parts = sorted(p.name for p in (Path(env["CD4ML_HOME"])/"data"/dask_full["dataset"]/"sales").iterdir())
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    assert not any(s["cached"] for s in dask_full["steps"] if s["name"] != "validate")   # engines share no cached outputs
+    assert not any(s["cached"] for s in dask_full["steps"])                 # engines share no cached outputs
+    reports = [json.loads(p.read_text()) for p in (Path(env["CD4ML_HOME"])/"cache").glob("*/validation.json")]
+    assert len(reports) == 2 and reports[0]["valid"]                       # whole tables, and part by part: the same checks
+    assert reports[0]["checks"] == reports[1]["checks"]
+    rows = json.loads((Path(env["CD4ML_HOME"])/"data"/dask_full["dataset"]/"meta.json").read_text())["rows"]
+    assert {c["check"]: c["detail"] for c in reports[0]["checks"]}["sales: not empty"] == f"{rows} rows"
     assert pandas_full["oracle_nwrmsle"] == pytest.approx(dask_full["oracle_nwrmsle"], abs=1e-12)
     for model, m in metrics(pandas_full).items():
         assert metrics(dask_full)[model] == pytest.approx(m, rel=0, abs=1e-9), model
