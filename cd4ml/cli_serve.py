@@ -12,7 +12,7 @@ import typer
 
 from .console import cli_errors, emit, kv_table
 from .core import Cd4mlError, workspace
-# cd4ml.serving (sklearn, pandas, mlflow) is imported inside the functions: `cd4ml --help` stays fast
+# the serving modules (sklearn, pandas, mlflow) are imported inside the functions: `cd4ml --help` stays fast
 
 # %% auto #0
 __all__ = ['BENTOFILE', 'server_env', 'check_models', 'serve', 'pinned_bentofile', 'import_champion', 'build_bento', 'bento']
@@ -25,7 +25,7 @@ def server_env(config: ServeConfig, source: str = "registry") -> dict[str, str]:
 
 def check_models(config: ServeConfig) -> dict:
     "The versions `config` will serve, or a `Cd4mlError` if one is missing from the registry."
-    from cd4ml.serving import resolve_model
+    from cd4ml.deployment import resolve_model
     facts = {"champion": resolve_model(config.model_version).version}
     if config.shadow or config.canary_percent > 0: facts["challenger"] = resolve_model("challenger").version
     return facts
@@ -41,7 +41,8 @@ def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to liste
           max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Most rows per request (default 1000)."),
           ):
     "Serve forecasts over HTTP: POST /predict, a web page at /, /livez, /readyz, /metrics, /docs.json."
-    from cd4ml.serving import MODEL_NAME, ServeConfig
+    from cd4ml.deployment import ServeConfig
+    from cd4ml.registry import MODEL_NAME
     config = ServeConfig.from_env(model_version=model_version, shadow=shadow, canary_percent=canary_percent,
                                   max_horizon=max_horizon, max_rows=max_rows)
     facts = check_models(config)
@@ -68,9 +69,9 @@ def import_champion(model_version: str | None = None) -> dict:
     from cd4ml.core import tracking_uri
     from cd4ml.datasets import load_dataset
     from cd4ml.features import freq_of
-    from cd4ml.registry import describe_version, trained_horizon
+    from cd4ml.registry import MODEL_NAME, describe_version, trained_horizon
     from cd4ml.service import BENTO_MODEL
-    from cd4ml.serving import MODEL_NAME, dataset_of, resolve_model
+    from cd4ml.deployment import dataset_of, resolve_model
     os.environ["BENTOML_HOME"] = str(workspace("bentoml"))
     mlflow.set_tracking_uri(tracking_uri()); mlflow.set_registry_uri(tracking_uri())
     mv = resolve_model(model_version)
@@ -89,7 +90,7 @@ def build_bento(project: Path | str = ".", model_version: str | None = None) -> 
     import yaml
     project = Path(project)
     if not (project/BENTOFILE).exists(): raise Cd4mlError(f"{project/BENTOFILE} not found: run from the project root")
-    from cd4ml.serving import ServeConfig
+    from cd4ml.deployment import ServeConfig
     facts = import_champion(model_version)
     spec = pinned_bentofile(yaml.safe_load((project/BENTOFILE).read_text()), facts["bento_model"])
     with tempfile.TemporaryDirectory(prefix="cd4ml-bento-") as tmp:

@@ -198,9 +198,9 @@ def needs_retrain(found: list[dict], config: dict = MONITORING_DEFAULTS) -> bool
     return any(a["kind"] in config["retrain_on"] for a in found)
 
 # %% ../nbs/50_monitor.ipynb #f2817f12
-def build_report(records: list[dict],            # prediction log records (`serving.read_log`)
-                 feedback_records: list[dict],   # feedback posts (`serving.read_feedback`)
-                 rejections: list[dict],         # refused requests (`serving.read_rejections`)
+def build_report(records: list[dict],            # prediction log records (`predlog.read_log`)
+                 feedback_records: list[dict],   # feedback posts (`predlog.read_feedback`)
+                 rejections: list[dict],         # refused requests (`predlog.read_rejections`)
                  data,                           # the champion's training dataset (a `Dataset` or dict of tables)
                  horizon: int,                   # periods the champion was trained to forecast (`registry.trained_horizon`)
                  model=None,                     # the champion's fitted model: offline predictions for prediction drift
@@ -242,7 +242,7 @@ def champion_facts(name: str = "sales") -> dict:
 def workspace_report(since: str | None = None, spec: str | Path = "pipeline.yaml", name: str = "sales") -> dict:
     "The monitoring report of the current workspace: its logs, the registry's champion and its training data."
     from cd4ml.datasets import load_dataset
-    from cd4ml.serving import read_feedback, read_log, read_rejections
+    from cd4ml.predlog import read_feedback, read_log, read_rejections
     facts = champion_facts(name)
     if facts["champion"] is None: raise Cd4mlError(f"no champion for model '{name}': train and promote one first (`cd4ml run`)")
     if not facts["dataset_version"]: raise Cd4mlError(f"champion v{facts['champion']} has no dataset_version tag: nothing to compare with")

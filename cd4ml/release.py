@@ -240,7 +240,7 @@ def release_version(version: str,            # the registered version to release
     "Build, serve, smoke-test and load-test `version`'s Bento; the measurements and the gate table."
     from cd4ml import registry
     from cd4ml.datasets import load_dataset
-    from cd4ml.serving import MODEL_NAME
+    from cd4ml.registry import MODEL_NAME
     measured, timings = {"version": str(version)}, {}
     t = time.perf_counter()
     try:
