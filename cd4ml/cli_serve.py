@@ -4,111 +4,57 @@
 
 # %% ../nbs/47_cli_serve.ipynb #daaed2d1
 from __future__ import annotations
-import os, subprocess, sys, tempfile
-from pathlib import Path
+import os, sys
 from typing import Optional
 
 import typer
 
 from .console import cli_errors, emit, kv_table
-from .core import Cd4mlError, workspace
-# the serving modules (sklearn, pandas, mlflow) are imported inside the functions: `cd4ml --help` stays fast
+# the serving modules (sklearn, pandas, mlflow) are imported inside the commands: `cd4ml --help` stays fast
 
 # %% auto #0
-__all__ = ['BENTOFILE', 'server_env', 'check_models', 'serve', 'pinned_bentofile', 'import_champion', 'build_bento', 'bento']
-
-# %% ../nbs/47_cli_serve.ipynb #b94b3e9e
-def server_env(config: ServeConfig, source: str = "registry") -> dict[str, str]:
-    "The environment of a service process: ours plus the config, model source and BentoML's home."
-    return {**os.environ, **config.to_env(), "CD4ML_MODEL_SOURCE": source,
-            "BENTOML_HOME": str(workspace("bentoml")), "BENTOML_DO_NOT_TRACK": "true"}
-
-def check_models(config: ServeConfig) -> dict:
-    "The versions `config` will serve, or a `Cd4mlError` if one is missing from the registry."
-    from cd4ml.deployment import resolve_model
-    facts = {"champion": resolve_model(config.model_version).version}
-    if config.shadow or config.canary_percent > 0: facts["challenger"] = resolve_model("challenger").version
-    return facts
+__all__ = ['serve', 'bento']
 
 # %% ../nbs/47_cli_serve.ipynb #b884448a
 @cli_errors
 def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to listen on."),
           host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 to accept remote clients."),
-          model_version: Optional[str] = typer.Option(None, "--model-version", help="Registry version or alias to serve (default: champion)."),
-          shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow", help="The challenger also predicts every request (logged, not returned)."),
-          canary_percent: Optional[float] = typer.Option(None, "--canary-percent", help="Share of store-items (0-100) answered by the challenger."),
-          max_horizon: Optional[int] = typer.Option(None, "--max-horizon", help="Furthest forecastable period (day, or week for weekly data) after the history end (default: the horizon the model was trained for)."),
+          model_version: Optional[str] = typer.Option(None, "--model-version",
+                                                      help="Registry version or alias to serve (default: champion)."),
+          shadow: Optional[bool] = typer.Option(
+              None, "--shadow/--no-shadow", help="The challenger also predicts every request (logged, not returned)."),
+          canary_percent: Optional[float] = typer.Option(
+              None, "--canary-percent", help="Share of store-items (0-100) answered by the challenger."),
+          max_horizon: Optional[int] = typer.Option(None, "--max-horizon",
+                                                    help="Furthest forecastable period (day, or week for weekly data) "
+                                                         "after the history end (default: the horizon the model was "
+                                                         "trained for)."),
           max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Most rows per request (default 1000)."),
           ):
     "Serve forecasts over HTTP: POST /predict, a web page at /, /livez, /readyz, /metrics, /docs.json."
-    from cd4ml.deployment import ServeConfig
+    from cd4ml.bento import server_env
+    from cd4ml.deployment import ServeConfig, check_models
     from cd4ml.registry import MODEL_NAME
     config = ServeConfig.from_env(model_version=model_version, shadow=shadow, canary_percent=canary_percent,
                                   max_horizon=max_horizon, max_rows=max_rows)
     facts = check_models(config)
-    print(f"cd4ml serve: {MODEL_NAME} v{facts['champion']}" + (f", challenger v{facts['challenger']}" if "challenger" in facts else "")
-          + f" (shadow={config.shadow}, canary={config.canary_percent}%) on http://{host}:{port}/", file=sys.stderr, flush=True)
+    challenger = f", challenger v{facts['challenger']}" if "challenger" in facts else ""
+    print(f"cd4ml serve: {MODEL_NAME} v{facts['champion']}{challenger} (shadow={config.shadow}, "
+          f"canary={config.canary_percent}%) on http://{host}:{port}/", file=sys.stderr, flush=True)
     argv = [sys.executable, "-m", "bentoml", "serve", "cd4ml.service:Forecast", "--host", host, "--port", str(port)]
     os.execve(sys.executable, argv, server_env(config))
 
-# %% ../nbs/47_cli_serve.ipynb #c81484ab
-BENTOFILE = "bentofile.yaml"
-
-def pinned_bentofile(spec: dict,   # bentofile.yaml, as read
-                     model: str,   # the exact BentoML model tag to package, e.g. cd4ml-sales:abc123
-                    ) -> dict:
-    "`spec` packaging exactly `model`, under the alias the service loads (`cd4ml.service.PACKAGED`)."
-    from cd4ml.service import PACKAGED
-    if model.partition(":")[2] in ("", "latest"): raise Cd4mlError(f"a Bento packages an exact model tag; got '{model}'")
-    return {**spec, "models": [{"tag": model, "alias": PACKAGED}]}
-
-# %% ../nbs/47_cli_serve.ipynb #b6d33381
-def import_champion(model_version: str | None = None) -> dict:
-    "Import a registry version (default the champion) into the BentoML store as `cd4ml-sales`, history and trained horizon included."
-    import bentoml, mlflow
-    from cd4ml.core import tracking_uri
-    from cd4ml.datasets import load_dataset
-    from cd4ml.features import freq_of
-    from cd4ml.registry import MODEL_NAME, describe_version, trained_horizon
-    from cd4ml.service import BENTO_MODEL
-    from cd4ml.deployment import dataset_of, resolve_model
-    os.environ["BENTOML_HOME"] = str(workspace("bentoml"))
-    mlflow.set_tracking_uri(tracking_uri()); mlflow.set_registry_uri(tracking_uri())
-    mv = resolve_model(model_version)
-    ds = load_dataset(dataset_of(mv))
-    history = {name: ds.table(name) for name in ("sales", "items", "stores", "holidays", "oil", "transactions") if name in ds}
-    uri = f"models:/{MODEL_NAME}/{mv.version}"   # the number resolved above: a promotion meanwhile must not change what is imported
-    meta = {"version": str(mv.version), "run_id": mv.run_id, "model_uri": uri, "dataset_version": ds.version,
-            "horizon": trained_horizon(describe_version(mv.version)), "freq": freq_of(ds)}
-    model = bentoml.mlflow.import_model(BENTO_MODEL, model_uri=uri, metadata=meta,
-                                        labels={"registry_version": str(mv.version), "dataset_version": ds.version},
-                                        custom_objects={"history": {**history, "meta": dict(ds.meta)}})
-    return {**meta, "bento_model": str(model.tag)}
-
-def build_bento(project: Path | str = ".", model_version: str | None = None) -> dict:
-    "Import a registry version (default the champion), then `bentoml build` the project's `bentofile.yaml` pinned to that import; the Bento's tag and facts."
-    import yaml
-    project = Path(project)
-    if not (project/BENTOFILE).exists(): raise Cd4mlError(f"{project/BENTOFILE} not found: run from the project root")
-    from cd4ml.deployment import ServeConfig
-    facts = import_champion(model_version)
-    spec = pinned_bentofile(yaml.safe_load((project/BENTOFILE).read_text()), facts["bento_model"])
-    with tempfile.TemporaryDirectory(prefix="cd4ml-bento-") as tmp:
-        (Path(tmp)/BENTOFILE).write_text(yaml.safe_dump(spec, sort_keys=False))
-        out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", str(Path(tmp)/BENTOFILE), "--output", "tag"],
-                             cwd=project, env=server_env(ServeConfig()), capture_output=True, text=True)
-    if out.returncode: raise Cd4mlError(f"bentoml build failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
-    tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    return {**facts, "bento": tag, "bentoml_home": str(workspace("bentoml"))}
-
 # %% ../nbs/47_cli_serve.ipynb #b2805f3e
 @cli_errors
-def bento(model_version: Optional[str] = typer.Option(None, "--model-version", help="Registry version to package (default: champion)."),
+def bento(model_version: Optional[str] = typer.Option(None, "--model-version",
+                                                      help="Registry version to package (default: champion)."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     "Package the champion as a Bento (code, model, feature history, Dockerfile); run it with `bentoml serve TAG`."
+    from cd4ml.bento import build_bento
     facts = build_bento(".", model_version)
     emit(facts, as_json, kv_table(facts, title="bento"))
     if not as_json:
-        print(f"serve it:      BENTOML_HOME={facts['bentoml_home']} bentoml serve {facts['bento']}\n"
-              f"containerize:  BENTOML_HOME={facts['bentoml_home']} bentoml containerize {facts['bento']}  (needs a Docker engine)",
+        home, tag = facts["bentoml_home"], facts["bento"]
+        print(f"serve it:      BENTOML_HOME={home} bentoml serve {tag}\n"
+              f"containerize:  BENTOML_HOME={home} bentoml containerize {tag}  (needs a Docker engine)",
               file=sys.stderr)

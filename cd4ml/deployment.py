@@ -21,7 +21,7 @@ from . import features
 
 # %% auto #0
 __all__ = ['ENV_PREFIX', 'ServeConfig', 'canary_bucket', 'route', 'Deployment', 'resolve_model', 'dataset_of', 'load_forecaster',
-           'load_deployment', 'predict']
+           'load_deployment', 'check_models', 'predict']
 
 # %% ../nbs/44_deployment.ipynb #9fdf409c
 ENV_PREFIX = "CD4ML_"
@@ -215,6 +215,12 @@ def load_deployment(config: ServeConfig | None = None) -> Deployment:
     challenger = (load_forecaster("challenger", config.max_horizon)
                   if config.shadow or config.canary_percent > 0 else None)
     return Deployment(champion, challenger, config)
+
+def check_models(config: ServeConfig) -> dict:
+    "The versions `config` will serve, or a `Cd4mlError` if one is missing from the registry."
+    facts = {"champion": resolve_model(config.model_version).version}
+    if config.shadow or config.canary_percent > 0: facts["challenger"] = resolve_model("challenger").version
+    return facts
 
 def predict(rows,                                    # request rows: a frame or list of dicts (`contract.ROW_FIELDS`)
             model_version: str | int | None = None,  # a version number or alias; default the champion

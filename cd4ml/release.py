@@ -245,7 +245,7 @@ def release_version(version: str,            # the registered version to release
     t = time.perf_counter()
     try:
         if name != MODEL_NAME: raise Cd4mlError(f"the service packages registered model '{MODEL_NAME}', not '{name}'")
-        from cd4ml.cli_serve import build_bento
+        from cd4ml.bento import build_bento
         bento = build_bento(project, str(version))["bento"]
     except Cd4mlError as e:
         measured["build_error"] = str(e); bento = None

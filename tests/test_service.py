@@ -177,7 +177,7 @@ def test_non_json_body_is_a_415(served, content_type):
 
 def test_bento_build_and_serve_behave_the_same(served):
     "`cd4ml bento` (import the champion, `bentoml build`), then `bentoml serve TAG`: same answers, Dockerfile inside."
-    from cd4ml.cli_serve import build_bento
+    from cd4ml.bento import build_bento
     from _serving_helpers import BIN, ROOT
     facts = build_bento(ROOT)
     assert facts["version"] == "1" and facts["dataset_version"] == served["dataset"].version
