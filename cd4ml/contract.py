@@ -50,6 +50,7 @@ def _as_date(v, where: str) -> np.datetime64:
     bad = RequestError(f"{where} must be a date 'YYYY-MM-DD'; got {v!r}", where, v)
     try:
         if isinstance(v, str):
+            if not (len(v) == 10 and v[4] == v[7] == "-"): raise bad   # Python also reads 20170503 and 2017-W18-3
             v = date.fromisoformat(v)
         if type(v) is date:   # the common case, without a Timestamp (a few microseconds a row)
             if 1678 < v.year < 2262: return np.datetime64(v, "D").astype("datetime64[ns]")
