@@ -13,6 +13,7 @@ from .core import Cd4mlError
 from . import features
 from .drift import drift_table
 from .metrics import mae, nwrmsle, perishable_weight
+from .registry import MODEL_NAME
 
 # %% auto #0
 __all__ = ['MONITORING_DEFAULTS', 'SERVED_COLUMNS', 'FEATURE_GROUPS', 'CATEGORICAL', 'monitoring_config', 'served_frame',
@@ -153,11 +154,17 @@ def feature_drift(reference: pd.DataFrame,   # `reference_features`: FEATURES, u
     return pd.concat(parts, ignore_index=True).rename(columns={"column": "feature"})
 
 # %% ../nbs/50_monitor.ipynb #86a2efe8
-def traffic(records: list[dict], rejections: list[dict]) -> dict:
+def _refused_column(rejection: dict) -> str:
+    "The request column a logged refusal names: 'item_nbr' for the field `rows[3].item_nbr`."
+    return str(rejection.get("field") or "").rpartition(".")[2]
+
+def traffic(records: list[dict],      # prediction log records (`predlog.read_log`)
+            rejections: list[dict],   # refused requests (`predlog.read_rejections`)
+           ) -> dict:
     "Requests, rows, latency percentiles (ms), refused requests and the shares refused for an unknown store/item and item."
     latency = np.array([r.get("latency_ms") or 0.0 for r in records], float)
-    unknown = sum(1 for r in rejections if "unknown store" in str(r.get("error")) or "unknown item" in str(r.get("error")))
-    unknown_items = sum(1 for r in rejections if "unknown item" in str(r.get("error")))
+    refused = [_refused_column(r) for r in rejections]
+    unknown, unknown_items = sum(c in ("store_nbr", "item_nbr") for c in refused), refused.count("item_nbr")
     total = len(records) + len(rejections)
     return {"requests": len(records), "rows": int(sum(len(r["predictions"]) for r in records)),
             "latency_p50_ms": float(np.percentile(latency, 50)) if len(latency) else None,
@@ -231,7 +238,7 @@ def build_report(records: list[dict],            # prediction log records (`pred
 def _num(v) -> float | None: return None if v is None or not np.isfinite(v) else float(v)
 
 # %% ../nbs/50_monitor.ipynb #a3c0e8db
-def champion_facts(name: str = "sales") -> dict:
+def champion_facts(name: str = MODEL_NAME) -> dict:
     "The champion's version, dataset version, holdout NWRMSLE and trained horizon (None when no champion)."
     from cd4ml.registry import champion, trained_horizon
     c = champion(name)
@@ -239,18 +246,22 @@ def champion_facts(name: str = "sales") -> dict:
     return {"champion": c["version"], "dataset_version": c["dataset_version"], "holdout_nwrmsle": c["nwrmsle"],
             "horizon": trained_horizon(c)}
 
-def workspace_report(since: str | None = None, spec: str | Path = "pipeline.yaml", name: str = "sales") -> dict:
+def workspace_report(since: str | None = None,                 # only target days (and requests) from this day on
+                     spec: str | Path = "pipeline.yaml",        # the pipeline spec with the `monitoring:` block
+                     name: str = MODEL_NAME) -> dict:
     "The monitoring report of the current workspace: its logs, the registry's champion and its training data."
     from cd4ml.datasets import load_dataset
     from cd4ml.predlog import read_feedback, read_log, read_rejections
-    facts = champion_facts(name)
-    if facts["champion"] is None: raise Cd4mlError(f"no champion for model '{name}': train and promote one first (`cd4ml run`)")
-    if not facts["dataset_version"]: raise Cd4mlError(f"champion v{facts['champion']} has no dataset_version tag: nothing to compare with")
     from cd4ml.registry import load_model
+    facts = champion_facts(name)
+    if facts["champion"] is None:
+        raise Cd4mlError(f"no champion for model '{name}': train and promote one first (`cd4ml run`)")
+    if not facts["dataset_version"]:
+        raise Cd4mlError(f"champion v{facts['champion']} has no dataset_version tag: nothing to compare with")
     ds = load_dataset(facts["dataset_version"])
     model = load_model(f"models:/{name}/{facts['champion']}")
-    report = build_report(read_log(), read_feedback(), read_rejections(), ds, facts["horizon"], model, facts["champion"],
-                          facts["holdout_nwrmsle"], monitoring_config(spec), since)
+    report = build_report(read_log(), read_feedback(), read_rejections(), ds, facts["horizon"], model,
+                          facts["champion"], facts["holdout_nwrmsle"], monitoring_config(spec), since)
     return {**report, "dataset_version": facts["dataset_version"]}
 
 # %% ../nbs/50_monitor.ipynb #5b1e00f2

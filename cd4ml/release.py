@@ -14,6 +14,7 @@ import pandas as pd
 
 from .core import Cd4mlError, workspace
 from .gates import GateResult, checked_block, gate_table, gates_from_table, is_number
+from .registry import MODEL_NAME
 
 # %% auto #0
 __all__ = ['RELEASE_DEFAULTS', 'PARITY_TOLERANCE', 'release_config', 'latency_summary', 'gate_release', 'smoke_rows',
@@ -233,14 +234,13 @@ def offline_predictions(version: str, rows: pd.DataFrame, name: str) -> np.ndarr
 
 def release_version(version: str,            # the registered version to release
                     config: dict,            # the release block (see `release_config`)
-                    name: str = "sales",     # the registered model
+                    name: str = MODEL_NAME,  # the registered model
                     project: Path | str = ".", # folder with bentofile.yaml and the cd4ml package
                     out_dir: Path | str = ".", # where server.log goes
                    ) -> dict:
     "Build, serve, smoke-test and load-test `version`'s Bento; the measurements and the gate table."
     from cd4ml import registry
     from cd4ml.datasets import load_dataset
-    from cd4ml.registry import MODEL_NAME
     measured, timings = {"version": str(version)}, {}
     t = time.perf_counter()
     try:
