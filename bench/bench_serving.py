@@ -163,7 +163,7 @@ def main() -> int:
     with ExitStack() as stack:
         home = Path(os.environ.get("CD4ML_BENCH_HOME") or stack.enter_context(tempfile.TemporaryDirectory())/Path("ws"))
         os.environ["CD4ML_HOME"] = str(home)
-        from cd4ml.serving import load_forecaster, _forecasters
+        from cd4ml.deployment import load_forecaster, _forecasters
         try: fc = load_forecaster()
         except Exception:
             build_registry(home); _forecasters.clear(); fc = load_forecaster()

@@ -171,7 +171,7 @@ def old_champion_nwrmsle(dataset_version: str, rows: pd.DataFrame) -> float:
     from cd4ml.datasets import load_dataset
     from cd4ml.metrics import nwrmsle, perishable_weight
     from cd4ml.registry import load_model
-    from cd4ml.serving import Forecaster
+    from cd4ml.forecaster import Forecaster
     data = load_dataset(dataset_version)
     pred = Forecaster(load_model("models:/sales/1"), data, "1", max_horizon=LATER).predict(rows)
     weight = perishable_weight(rows.item_nbr.map(data.table("items").set_index("item_nbr").perishable))

@@ -32,7 +32,7 @@ def post(base, rows, **kw):
     return httpx.post(f"{base}/predict", json={"rows": rows}, timeout=60, **kw)
 
 def test_served_equals_offline_over_1200_rows(served):
-    from cd4ml.serving import route
+    from cd4ml.deployment import route
     rows = request_rows(served["dataset"], 1200)
     assert rows.store_nbr.nunique() == 4 and rows.item_nbr.nunique() == 30 and rows.date.nunique() == 16
     assert 0.2 < rows.onpromotion.mean() < 0.4
@@ -64,13 +64,13 @@ def test_canary_is_sticky_per_store_item(served):
     assert (by_pair == 1).all()
 
 def test_embedded_predict_matches_the_service(served):
-    from cd4ml import serving
+    from cd4ml import deployment
     rows = request_rows(served["dataset"], 300, seed=9)
-    np.testing.assert_allclose(serving.predict(rows), offline(served, "1", rows), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(serving.predict(as_json_rows(rows), model_version=2), offline(served, "2", rows), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(deployment.predict(rows), offline(served, "1", rows), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(deployment.predict(as_json_rows(rows), model_version=2), offline(served, "2", rows), rtol=0, atol=1e-9)
 
 def test_prediction_log_has_every_request_with_shadow(served):
-    from cd4ml.serving import read_log
+    from cd4ml.predlog import read_log
     rows = request_rows(served["dataset"], 25, seed=3)
     body = post(served["base"], as_json_rows(rows)).json()
     logged = {r["request_id"]: r for r in read_log(served["home"]/"predictions")}
@@ -83,9 +83,9 @@ def test_prediction_log_has_every_request_with_shadow(served):
     assert 0 < rec["latency_ms"] < 60_000 and rec["time"].startswith("20")
 
 def test_feedback_live_accuracy_equals_the_monitor_recomputation(served):
-    "/feedback answers from running sums (serving.LiveAccuracy); they must equal cd4ml.monitor's recomputation from the logs."
+    "/feedback answers from running sums (predlog.LiveAccuracy); they must equal cd4ml.monitor's recomputation from the logs."
     from cd4ml import monitor
-    from cd4ml.serving import read_feedback, read_log
+    from cd4ml.predlog import read_feedback, read_log
     base, home = served["base"], served["home"]
     rows = request_rows(served["dataset"], 300, seed=13)
     assert post(base, as_json_rows(rows)).status_code == 200
@@ -177,7 +177,7 @@ def test_non_json_body_is_a_415(served, content_type):
 
 def test_bento_build_and_serve_behave_the_same(served):
     "`cd4ml bento` (import the champion, `bentoml build`), then `bentoml serve TAG`: same answers, Dockerfile inside."
-    from cd4ml.cli_serve import build_bento
+    from cd4ml.bento import build_bento
     from _serving_helpers import BIN, ROOT
     facts = build_bento(ROOT)
     assert facts["version"] == "1" and facts["dataset_version"] == served["dataset"].version

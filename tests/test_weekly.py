@@ -57,8 +57,8 @@ def weekly(tmp_path_factory):
         with running_server(home) as base:
             yield {"home": home, "dataset": dataset, "end": end, "run": run, "base": base,
                    "later": sales[sales.week > end].rename(columns={"week": "date"}).reset_index(drop=True)}
-    from cd4ml import serving
-    serving._forecasters.clear()
+    from cd4ml import deployment
+    deployment._forecasters.clear()
 
 
 def test_weekly_import_trains_releases_and_promotes(weekly):
