@@ -21,7 +21,7 @@ from .features import (LOOKBACK_DAYS, family_weekday_partial, freq_of, period_of
 # %% auto #0
 __all__ = ['PARTITIONED', 'PART_ROWS', 'TRAINING_DEFAULTS', 'ENGINES', 'stores_per_part', 'part_of', 'generate_partitioned',
            'partition_dataset', 'daily_units', 'training_config', 'in_sample', 'sampled', 'dask_client',
-           'write_training_frame', 'write_training_frames']
+           'write_training_frame', 'check_engine', 'write_training_frames']
 
 # %% ../nbs/13_scale.ipynb #4bd2e5e4
 PARTITIONED = ("sales", "truth")   # the tables stored as parts; the others are small and broadcast
@@ -287,6 +287,11 @@ def write_training_frame(ds: Dataset,            # a partitioned dataset (see `p
 # %% ../nbs/13_scale.ipynb #660cb32d
 ENGINES = ("pandas", "dask")   # pandas: whole tables in memory; dask: partition by partition on a dask cluster
 
+def check_engine(engine: str) -> str:
+    "`engine` if it is one of `ENGINES`; else an error naming them (checked when a run's spec is read)."
+    if engine not in ENGINES: raise Cd4mlError(f"engine '{engine}' is unknown; choose one of {sorted(ENGINES)}")
+    return engine
+
 def write_training_frames(ds: Dataset,              # the run's dataset (partitioned for dask: see `partition_dataset`)
                           origins: dict,            # forecast origins, at least 'train' and 'valid' (`forecast_origins`)
                           horizon: int,             # periods forecast from each origin
@@ -295,7 +300,7 @@ def write_training_frames(ds: Dataset,              # the run's dataset (partiti
                           training: dict | None = None, # the spec's `training` block (see `training_config`)
                          ):
     "Write the `train` and `valid` frames to `output_dir` with `engine`; the training rows sampled per `training`."
-    if engine not in ENGINES: raise Cd4mlError(f"engine '{engine}' is unknown; choose one of {sorted(ENGINES)}")
+    check_engine(engine)
     sample = {"train": training_config(training), "valid": None}   # validation rows are never sampled
     if engine == "dask":
         with dask_client() as client:
