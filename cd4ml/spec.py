@@ -111,8 +111,8 @@ def spec_from_dict(raw: dict, path: Path | str) -> Spec:
     if twice := sorted(set(blocks) & set(params)):
         raise _spec_error(path, f"{twice} written both at the top level and under params; keep one")
     steps = []
-    for i, s in enumerate(raw.get("steps") or []):
-        steps.append(_step(s, i, path, set(params) | set(blocks), [s.name for s in steps]))
+    for i, entry in enumerate(raw.get("steps") or []):
+        steps.append(_step(entry, i, path, set(params) | set(blocks), [s.name for s in steps]))
     if not steps: raise _spec_error(path, "no steps")
     if any(s.foreach == "models" for s in steps) and not models:
         raise _spec_error(path, "a step runs foreach: models but no models are declared")
