@@ -29,8 +29,9 @@ def plain(spec_path: str, overrides: list[str]) -> dict:
     from cd4ml.imports import import_favorita
     from cd4ml.metrics import nwrmsle, score
     from cd4ml.models import BASELINES, feature_importance, fit, make_model, predict
-    from cd4ml.pipeline import apply_overrides, code_hashes, flatten, load_spec
     from cd4ml.simulate import generate
+    from cd4ml.spec import apply_overrides, load_spec
+    from cd4ml.stepcache import code_hashes, flatten
     from cd4ml.tracking import lineage_tags, log_dataset, log_model, setup
     from cd4ml.core import hash_json
 

@@ -16,8 +16,8 @@ from .metrics import mae, nwrmsle, perishable_weight
 from .registry import MODEL_NAME
 
 # %% auto #0
-__all__ = ['MONITORING_DEFAULTS', 'SERVED_COLUMNS', 'FEATURE_GROUPS', 'CATEGORICAL', 'monitoring_config', 'served_frame',
-           'feedback_frame', 'join_feedback', 'live_metrics', 'watched_features', 'reference_features',
+__all__ = ['MONITORING_DEFAULTS', 'SERVED_COLUMNS', 'FEATURE_GROUPS', 'CATEGORICAL', 'monitoring_block', 'monitoring_config',
+           'served_frame', 'feedback_frame', 'join_feedback', 'live_metrics', 'watched_features', 'reference_features',
            'served_features', 'feature_drift', 'traffic', 'alerts', 'needs_retrain', 'build_report', 'champion_facts',
            'workspace_report', 'new_sales', 'unflagged_feedback', 'append_feedback', 'daily_accuracy']
 
@@ -33,18 +33,24 @@ MONITORING_DEFAULTS = {
     "retrain_on": ["accuracy", "drift"],  # alert kinds that ask for a retrain
 }
 
+def monitoring_block(block: dict | None,                     # the `monitoring:` block as read from YAML (None: defaults)
+                     where: str = "pipeline spec: monitoring", # named in error messages
+                    ) -> dict:
+    "`MONITORING_DEFAULTS` overridden by `block`; a setting it does not know is an error."
+    block = block or {}
+    if not isinstance(block, dict): raise Cd4mlError(f"{where} must be a mapping; got {block!r}")
+    unknown = sorted(set(block) - set(MONITORING_DEFAULTS))
+    if unknown:
+        raise Cd4mlError(f"{where}.{unknown[0]} is not a known setting; expected one of {sorted(MONITORING_DEFAULTS)}")
+    return {**MONITORING_DEFAULTS, **block}
+
 def monitoring_config(spec: dict | str | Path | None = "pipeline.yaml") -> dict:
-    "The `monitoring:` block of a pipeline spec (a dict or a YAML path) over `MONITORING_DEFAULTS` (all, if no file)."
+    "The `monitoring:` block of a pipeline spec (a dict or a YAML path), completed; a missing file gives the defaults."
     if isinstance(spec, (str, Path)):
         import yaml
         path = Path(spec)
         spec = yaml.safe_load(path.read_text()) if path.exists() else {}
-    block = (spec or {}).get("monitoring") or {}
-    if not isinstance(block, dict): raise Cd4mlError(f"pipeline spec: monitoring must be a mapping; got {block!r}")
-    unknown = sorted(set(block) - set(MONITORING_DEFAULTS))
-    if unknown: raise Cd4mlError(f"pipeline spec: monitoring.{unknown[0]} is not a known setting; "
-                                 f"expected one of {sorted(MONITORING_DEFAULTS)}")
-    return {**MONITORING_DEFAULTS, **block}
+    return monitoring_block((spec or {}).get("monitoring"))
 
 # %% ../nbs/50_monitor.ipynb #9069367a
 SERVED_COLUMNS = ["request_id", "time", "date", "store_nbr", "item_nbr", "onpromotion", "model_version", "role",

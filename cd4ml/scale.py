@@ -20,9 +20,10 @@ from .features import (family_weekday_partial, freq_of, lookback_start, origin_s
                             repooled_family, series_key, training_rows)
 
 # %% auto #0
-__all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'stores_per_part', 'part_of', 'write_first_sales',
-           'first_sales', 'generate_partitioned', 'partition_dataset', 'daily_units', 'training_config', 'in_sample',
-           'sampled', 'dask_client', 'write_training_frame']
+__all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'ENGINES', 'stores_per_part', 'part_of',
+           'write_first_sales', 'first_sales', 'generate_partitioned', 'partition_dataset', 'daily_units',
+           'training_config', 'in_sample', 'sampled', 'dask_client', 'write_training_frame', 'check_engine',
+           'write_training_frames']
 
 # %% ../nbs/13_scale.ipynb #4bd2e5e4
 PARTITIONED = ("sales", "truth")   # the tables stored as parts; the others are small and broadcast
@@ -310,3 +311,30 @@ def write_training_frame(ds: Dataset,            # a partitioned dataset (see `p
         if writer is not None: writer.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return rows
+
+# %% ../nbs/13_scale.ipynb #660cb32d
+ENGINES = ("pandas", "dask")   # pandas: whole tables in memory; dask: partition by partition on a dask cluster
+
+def check_engine(engine: str) -> str:
+    "`engine` if it is one of `ENGINES`; else an error naming them (checked when a run's spec is read)."
+    if engine not in ENGINES: raise Cd4mlError(f"engine '{engine}' is unknown; choose one of {sorted(ENGINES)}")
+    return engine
+
+def write_training_frames(ds: Dataset,              # the run's dataset (partitioned for dask: see `partition_dataset`)
+                          origins: dict,            # forecast origins, at least 'train' and 'valid' (`forecast_origins`)
+                          horizon: int,             # periods forecast from each origin
+                          output_dir: Path | str,   # where `train.parquet` and `valid.parquet` go
+                          engine: str = "pandas",   # one of `ENGINES`
+                          training: dict | None = None, # the spec's `training` block (see `training_config`)
+                         ):
+    "Write the `train` and `valid` frames to `output_dir` with `engine`; the training rows sampled per `training`."
+    check_engine(engine)
+    sample = {"train": training_config(training), "valid": None}   # validation rows are never sampled
+    if engine == "dask":
+        with dask_client() as client:
+            for part, rows in sample.items():
+                write_training_frame(ds, origins[part], horizon, f"{output_dir}/{part}.parquet", client, rows)
+    else:
+        for part, rows in sample.items():
+            frame = sampled(training_frame(ds, origins[part], horizon), rows)
+            frame.to_parquet(f"{output_dir}/{part}.parquet", index=False)

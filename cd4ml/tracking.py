@@ -134,7 +134,7 @@ def recorded_lock(lock_hash: str) -> str | None:
 
 # %% ../nbs/20_tracking.ipynb #49a11244
 def lineage_tags(root: Path | str, # project folder (for git)
-                 code_hash: str,   # hash of the cd4ml library source (see `pipeline.library_hash`)
+                 code_hash: str,   # hash of the cd4ml library source (see `stepcache.library_hash`)
                  spec_hash: str,   # hash of the resolved pipeline spec
                 ) -> dict:
     "The `cd4ml.*` tags every pipeline run carries."
