@@ -535,7 +535,7 @@ class _Tracker:
 
     def _candidate(self, ex: Execution, out: Path | None, cached: bool, executed: Path):
         import mlflow
-        from cd4ml.tracking import log_model
+        from cd4ml.tracking import log_model, redact_uri       # cache files name the store, never its password
         with mlflow.start_run(run_name=ex.name, nested=True) as run:
             mlflow.log_params({"model": ex.model, **flatten(ex.params.get("model_params", {}))})
             mlflow.set_tags({"cd4ml.step": ex.step.name, "cd4ml.cached": str(cached), "cd4ml.step_key": ex.key,
@@ -546,12 +546,12 @@ class _Tracker:
             mlflow.log_metrics(metrics)
             if (out/"importance.csv").exists(): mlflow.log_artifact(str(out/"importance.csv"))
             model_uri, logged = None, _read_json(out/"_mlflow.json")
-            if cached and logged and logged["tracking_uri"] == tracking_uri(): model_uri = logged["model_uri"]
+            if cached and logged and logged["tracking_uri"] == redact_uri(tracking_uri()): model_uri = logged["model_uri"]
             elif (out/"model.pkl").exists() and (out/"example.parquet").exists():
                 import pickle, pandas as pd
                 example = pd.read_parquet(out/"example.parquet")
                 model_uri = log_model(pickle.loads((out/"model.pkl").read_bytes()), example.drop(columns="unit_sales"), example.unit_sales)
-                write_json(out/"_mlflow.json", {"tracking_uri": tracking_uri(), "run_id": run.info.run_id, "model_uri": model_uri})
+                write_json(out/"_mlflow.json", {"tracking_uri": redact_uri(tracking_uri()), "run_id": run.info.run_id, "model_uri": model_uri})
             if model_uri: mlflow.set_tag("cd4ml.model_uri", model_uri)
         self.candidates[ex.model] = {"run_id": run.info.run_id, "model": ex.model, "metrics": metrics,
                                      "cached": cached, "model_uri": model_uri}
@@ -579,7 +579,7 @@ def run_tracked(spec: Spec,               # resolved spec (see `apply_overrides`
         if force or any(cached_manifest(ex.key) is None for ex in plan(spec, spec.steps[0], {}, hashes)):
             pool.ensure(1)            # the kernel starts and warms up while MLflow is being set up
         import mlflow
-        from cd4ml.tracking import lineage_tags, setup
+        from cd4ml.tracking import lineage_tags, redact_uri, setup
         setup()
         with mlflow.start_run(run_name=f"pipeline {spec.path.name}") as parent, progress(quiet) as bar:
             run_id = parent.info.run_id
@@ -600,7 +600,7 @@ def run_tracked(spec: Spec,               # resolved spec (see `apply_overrides`
                 mlflow.end_run("FAILED"); raise
     result = summary(run_id, tracker, records)
     if not failed_gates(result):
-        write_json(cache_root()/"runs"/f"{run_key(records)}.json", {"tracking_uri": tracking_uri(), "summary": result})
+        write_json(cache_root()/"runs"/f"{run_key(records)}.json", {"tracking_uri": redact_uri(tracking_uri()), "summary": result})
     return result
 
 def run_key(records: list[dict]) -> str:
@@ -617,7 +617,8 @@ def up_to_date(spec: Spec) -> dict | None:
         records += [{"name": ex.name, "key": ex.key} for ex in executions]
         done[step.name] = {ex.model: m for ex, m in zip(executions, manifests)} if step.foreach else manifests[0]
     recorded = _read_json(cache_root()/"runs"/f"{run_key(records)}.json")
-    if not recorded or recorded["tracking_uri"] != tracking_uri(): return None
+    from cd4ml.tracking import redact_uri
+    if not recorded or recorded["tracking_uri"] != redact_uri(tracking_uri()): return None
     previous = recorded["summary"]
     return {**previous, "up_to_date": True, "steps": [{"name": r["name"], "seconds": 0.0, "cached": True} for r in records]}
 
@@ -669,10 +670,10 @@ def recorded_run(run_id: str) -> tuple:
     "The MLflow parent run `run_id` and its recorded `pipeline.json`."
     import mlflow
     from mlflow.exceptions import MlflowException
-    from cd4ml.tracking import setup
+    from cd4ml.tracking import redact_uri, setup
     setup()
     try: run = mlflow.get_run(run_id)
-    except MlflowException: raise Cd4mlError(f"no MLflow run '{run_id}' in {mlflow.get_tracking_uri()}; see the parent_run_id printed by `cd4ml run`")
+    except MlflowException: raise Cd4mlError(f"no MLflow run '{run_id}' in {redact_uri(mlflow.get_tracking_uri())}; see the parent_run_id printed by `cd4ml run`")
     if "mlflow.parentRunId" in run.data.tags:
         raise Cd4mlError(f"run {run_id} is a candidate run; reproduce its pipeline run {run.data.tags['mlflow.parentRunId']}")
     try: path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="pipeline.json")

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, tracking_uri, workspace
+from .tracking import redact_uri
 from .datasets import Dataset, load_dataset
 from . import features, models
 
@@ -639,7 +640,7 @@ def resolve_model(model_version: str | int | None = None, name: str = MODEL_NAME
         if ref.isdigit(): return _client().get_model_version(name, ref)
         return _client().get_model_version_by_alias(name, ref)
     except MlflowException:
-        raise Cd4mlError(f"model '{name}' has no version or alias '{ref}' in {tracking_uri()}; "
+        raise Cd4mlError(f"model '{name}' has no version or alias '{ref}' in {redact_uri(tracking_uri())}; "
                          f"train and promote one (`cd4ml run`, `cd4ml models list`)") from None
 
 def dataset_of(mv) -> str:
