@@ -104,7 +104,7 @@ def tracking_server(env: dict, log: Path, *args: str):
 
 # Every secret of the accounts server, distinct and easy to grep for (test_secrets.py greps for each).
 PASSWORDS = {"postgres": "pg-superuser-5b1e0f", "mlflow_server": "pg-store-90ad2c", "cd4ml_lock": "pg-lock-c3f7e1",
-             "admin": "admin-pw-71d2e8", "pipeline": "pipeline-pw-4a6c0b", "dashboard": "dashboard-pw-e85f13"}
+             "ci": "pg-direct-2d94b7", "admin": "admin-pw-71d2e8", "pipeline": "pipeline-pw-4a6c0b", "dashboard": "dashboard-pw-e85f13"}
 CLIENT_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "CD4ML_LOCK_URI", "CD4ML_HOME")
 
 
