@@ -47,7 +47,7 @@ lab: install ## JupyterLab on nbs/ at http://127.0.0.1:$$PORT (default 8888); a 
 ui: install ## open the MLflow UI on the workspace store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CD4ML_HOME)/mlflow.db}" --port $${PORT:-5000}
 
-tracking-server: install ## shared MLflow server: PostgreSQL store (CD4ML_DB_URI, default a local cluster in $$CD4ML_HOME/postgres); see deploy/README.md
+tracking-server: install ## shared MLflow server: PostgreSQL store (CD4ML_DB_URI, default a local cluster in $$CD4ML_HOME/postgres), CD4ML_AUTH=1 for accounts; see deploy/README.md
 	scripts/tracking-server
 
 serve: install ## serve the champion: API, web page at http://127.0.0.1:3000/

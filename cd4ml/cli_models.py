@@ -8,6 +8,7 @@ import typer
 
 from .console import cli_errors, emit, kv_table, records_table
 from . import registry
+from .tracking import access_errors
 
 # %% auto #0
 __all__ = ['models_app', 'NAME', 'JSON', 'LIST_COLUMNS', 'list_cmd', 'promote_cmd', 'rollback_cmd']
@@ -33,7 +34,8 @@ def _served(v: dict, title: str):
 @cli_errors
 def list_cmd(name: str = NAME, as_json: bool = JSON):
     "List the versions of the registered model, oldest first, with aliases, lineage and score."
-    versions = registry.list_versions(name)
+    with access_errors(f"list the versions of '{name}'", f"READ permission on registered model '{name}'"):
+        versions = registry.list_versions(name)
     title = f"model '{name}'" + ("" if versions else ": no versions yet (run the pipeline)")
     emit(versions, as_json, records_table([_row(v) for v in versions], LIST_COLUMNS, title=title))
 

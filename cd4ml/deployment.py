@@ -164,12 +164,13 @@ def _client():
 def resolve_model(model_version: str | int | None = None, name: str = MODEL_NAME):
     "The registry's ModelVersion for a number or an alias (default `champion`), or a `Cd4mlError`."
     from mlflow.exceptions import MlflowException
+    from cd4ml.tracking import redact_uri
     ref = str(model_version or "champion")
     try:
         if ref.isdigit(): return _client().get_model_version(name, ref)
         return _client().get_model_version_by_alias(name, ref)
     except MlflowException:
-        raise Cd4mlError(f"model '{name}' has no version or alias '{ref}' in {tracking_uri()}; "
+        raise Cd4mlError(f"model '{name}' has no version or alias '{ref}' in {redact_uri(tracking_uri())}; "
                          f"train and promote one (`cd4ml run`, `cd4ml models list`)") from None
 
 def dataset_of(mv) -> str:

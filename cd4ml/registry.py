@@ -5,11 +5,12 @@
 # %% ../nbs/31_registry.ipynb #5ea76f12
 from __future__ import annotations
 import json, re
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 
 from .core import Cd4mlError, tracking_uri
-from .tracking import store_lock
+from .tracking import access_errors, redact_uri, store_lock
 from .gates import (GateResult, acceptance_config, gate_table, gates_from_table, raise_if_failed,
                          threshold_gates)
 
@@ -47,9 +48,22 @@ def _registered(c, name: str):
     from mlflow.exceptions import MlflowException
     try: return c.get_registered_model(_check_name(name))
     except MlflowException as e:
-        if _missing(e): raise Cd4mlError(f"no registered model '{name}' in {tracking_uri()}: "
+        if _missing(e): raise Cd4mlError(f"no registered model '{name}' in {redact_uri(tracking_uri())}: "
                                          "run the pipeline (`cd4ml run`) to register one") from None
         raise
+
+@contextmanager
+def _changing(name: str, action: str):
+    "Hold the registry lock of `name` while changing it; a tracking server's refusal names the user and the permission."
+    from mlflow.exceptions import MlflowException
+    with store_lock(f"registry:{name}"), access_errors(action, f"MANAGE permission on registered model '{name}'"):
+        if tracking_uri().startswith(("http:", "https:")):
+            # A server with accounts checks each request, and a change makes several: ask first with the one that needs
+            # the most (deleting an alias: MANAGE) and changes nothing (no such alias), so a refusal leaves all as it was.
+            try: client().delete_registered_model_alias(name, "cd4ml-permission-check")
+            except MlflowException as e:
+                if not _missing(e): raise       # no such model yet: whoever registers it first owns it
+        yield
 
 def _model_version(c, name: str, version) -> object:
     "Model version `version` of `name`, or a clear error."
@@ -189,7 +203,7 @@ def register_candidate(run_id: str,                  # the candidate's MLflow ru
     if missing: raise Cd4mlError(f"run {run_id} (and its parent run) has no {' or '.join(missing)} tag: "
                                  "a version without them could not be rolled back to consistently")
     c = client()
-    with store_lock(f"registry:{name}"):
+    with _changing(name, f"register run {run_id} as a version of '{name}'"):
         try: current = (c.get_registered_model(_check_name(name)).aliases or {}).get("champion")
         except MlflowException as e:
             if not _missing(e): raise
@@ -274,7 +288,8 @@ def _decline(c, name: str, version: str, reason: str) -> str:
 
 def decline_promotion(version, reason: str, name: str = MODEL_NAME) -> str:
     "Record on `version` (tag `promotion_declined`, champion log) why it was not promoted; returns `reason`."
-    with store_lock(f"registry:{name}"): return _decline(client(), name, str(version), reason)
+    with _changing(name, f"record why version {version} of '{name}' was not promoted"):
+        return _decline(client(), name, str(version), reason)
 
 def promote(version,                      # the version to make champion
             name: str = MODEL_NAME,
@@ -283,7 +298,7 @@ def promote(version,                      # the version to make champion
            ) -> dict:
     "Make `version` champion after re-checking it against the current one; returns it with `previous` and `recheck`."
     c = client()
-    with store_lock(f"registry:{name}"):
+    with _changing(name, f"promote version {version} of '{name}'"):
         mv = _model_version(c, name, version)
         version = str(mv.version)
         rm = _registered(c, name)
@@ -304,7 +319,7 @@ def rollback(name: str = MODEL_NAME,
              to=None,                      # a version that was champion before the current one; default: the previous champion
             ) -> dict:
     "Make the previous champion (or `to`) champion again; returns it with `previous`, `rolled_back` and `history`."
-    with store_lock(f"registry:{name}"): return _rollback(client(), name, to)
+    with _changing(name, f"roll back '{name}'"): return _rollback(client(), name, to)
 
 def _rollback(c, name: str, to) -> dict:
     hist = _history(c, _registered(c, name))

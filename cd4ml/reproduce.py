@@ -29,11 +29,11 @@ def recorded_run(run_id: str) -> tuple:
     "The MLflow parent run `run_id` and its recorded `pipeline.json`."
     import mlflow
     from mlflow.exceptions import MlflowException
-    from cd4ml.tracking import setup
+    from cd4ml.tracking import redact_uri, setup
     setup()
     try: run = mlflow.get_run(run_id)
     except MlflowException:
-        raise Cd4mlError(f"no MLflow run '{run_id}' in {mlflow.get_tracking_uri()}; "
+        raise Cd4mlError(f"no MLflow run '{run_id}' in {redact_uri(mlflow.get_tracking_uri())}; "
                          "see the parent_run_id printed by `cd4ml run`")
     if "mlflow.parentRunId" in run.data.tags:
         parent = run.data.tags["mlflow.parentRunId"]

@@ -81,20 +81,25 @@ def recorded_outputs(folder: Path,            # an execution's cache entry
             if (folder/name).exists() and not (candidate and name in CANDIDATE_FILES)}
 
 # %% ../nbs/25_runs.ipynb #f2a85c6d
+def _store() -> str:
+    "The tracking store as cache files name it: its password (if any) redacted, so no secret is kept at rest."
+    from cd4ml.tracking import redact_uri
+    return redact_uri(tracking_uri())
+
 def candidate_model(folder: Path, # the candidate's cache entry
                     cached: bool,  # it was taken from the cache
                     run_id: str,   # its nested run
                    ) -> str | None:
     "The candidate's MLflow model: the one logged when a cached candidate was computed, else `model.pkl` logged now."
     logged = read_json(folder/"_mlflow.json")
-    if cached and logged and logged["tracking_uri"] == tracking_uri(): return logged["model_uri"]
+    if cached and logged and logged["tracking_uri"] == _store(): return logged["model_uri"]
     if not ((folder/"model.pkl").exists() and (folder/"example.parquet").exists()): return None
     import pickle, pandas as pd
     from cd4ml.tracking import log_model
     example = pd.read_parquet(folder/"example.parquet")
     model = pickle.loads((folder/"model.pkl").read_bytes())
     model_uri = log_model(model, example.drop(columns="unit_sales"), example.unit_sales)
-    write_json(folder/"_mlflow.json", {"tracking_uri": tracking_uri(), "run_id": run_id, "model_uri": model_uri})
+    write_json(folder/"_mlflow.json", {"tracking_uri": _store(), "run_id": run_id, "model_uri": model_uri})
     return model_uri
 
 # %% ../nbs/25_runs.ipynb #7e1c3a58
@@ -227,7 +232,7 @@ def run_key(records: list[dict]) -> str:
 
 def remember_run(records: list[dict], result: dict):
     "Keep the summary `result` of the run made of `records`, for `up_to_date`."
-    write_json(cache_root()/"runs"/f"{run_key(records)}.json", {"tracking_uri": tracking_uri(), "summary": result})
+    write_json(cache_root()/"runs"/f"{run_key(records)}.json", {"tracking_uri": _store(), "summary": result})
 
 # %% ../nbs/25_runs.ipynb #a9d4c6e1
 def up_to_date(spec: Spec) -> dict | None:
@@ -240,7 +245,7 @@ def up_to_date(spec: Spec) -> dict | None:
         records += [{"name": ex.name, "key": ex.key} for ex in executions]
         done[step.name] = {ex.model: m for ex, m in zip(executions, manifests)} if step.foreach else manifests[0]
     recorded = read_json(cache_root()/"runs"/f"{run_key(records)}.json")
-    if not recorded or recorded["tracking_uri"] != tracking_uri(): return None
+    if not recorded or recorded["tracking_uri"] != _store(): return None
     for r in records: remember(r["name"], r["key"])
     steps = [{"name": r["name"], "seconds": 0.0, "cached": True, "why": "cached: up to date"} for r in records]
     return {**recorded["summary"], "up_to_date": True, "steps": steps}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_tracking.ipynb #011b6c89
 from __future__ import annotations
-import fcntl, os, subprocess, sys, time, warnings
+import fcntl, os, re, subprocess, sys, time, warnings
 from contextlib import contextmanager
 from importlib.metadata import distributions, version as dist_version
 from pathlib import Path
@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 import cd4ml
-from .core import atomic_write_text, hash_bytes, hash_json, tracking_uri, workspace
+from .core import Cd4mlError, atomic_write_text, hash_bytes, hash_json, tracking_uri, workspace
 
 EXPERIMENT = "cd4ml"
 # Two MLflow warnings that do not apply to us: our integer feature columns never hold missing values, and a
@@ -21,9 +21,9 @@ warnings.filterwarnings("ignore", message="Hint: Inferred schema contains intege
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways", category=UserWarning)
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'DATABASE_SCHEMES', 'UNLOCKED', 'PINNED_PACKAGES', 'is_database_uri', 'open_store', 'store_lock',
-           'setup', 'git_state', 'package_lock', 'package_lock_hash', 'recorded_lock', 'lineage_tags', 'log_dataset',
-           'pinned_requirements', 'skops_types', 'log_model']
+__all__ = ['EXPERIMENT', 'DATABASE_SCHEMES', 'LOCK_URI', 'UNLOCKED', 'PINNED_PACKAGES', 'is_database_uri', 'open_store', 'setup',
+           'redact_uri', 'lock_uri', 'store_lock', 'access_errors', 'git_state', 'package_lock', 'package_lock_hash',
+           'recorded_lock', 'lineage_tags', 'log_dataset', 'pinned_requirements', 'skops_types', 'log_model']
 
 # %% ../nbs/20_tracking.ipynb #63a76a2c
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -60,33 +60,6 @@ def _create_schema_once(uri: str):
             if attempt == 4: raise
             time.sleep(0.5 * (attempt + 1))
 
-@contextmanager
-def store_lock(name: str):  # what is locked, e.g. 'registry:sales'; one lock per name and store
-    """Hold an exclusive lock on `name` in the workspace's store across processes and machines: a file lock next to a
-    SQLite file, a PostgreSQL advisory lock on the store's database. A tracking server (`http(s):`) offers no lock:
-    then nothing is held, and two changes at the same instant are not serialized (see deploy/README.md)."""
-    uri = tracking_uri()
-    scheme = uri.partition(":")[0].partition("+")[0].lower()
-    if scheme == "sqlite":
-        db = Path(uri.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.with_name(f"{db.name}.{hash_bytes(name.encode())[:12]}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try: yield
-            finally: fcntl.flock(lock, fcntl.LOCK_UN)
-    elif scheme == "postgresql":
-        import sqlalchemy
-        url = uri if "+" in uri.partition(":")[0] else uri.replace("postgresql:", "postgresql+psycopg:", 1)
-        key = int.from_bytes(bytes.fromhex(hash_bytes(name.encode())[:16]), "big", signed=True)
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-                try: yield
-                finally: conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-        finally: engine.dispose()
-    else: yield
-
 def setup(experiment: str = EXPERIMENT) -> str:
     "Point MLflow at the workspace's tracking store and select `experiment` (artifacts in the workspace); returns its id."
     import mlflow
@@ -95,6 +68,83 @@ def setup(experiment: str = EXPERIMENT) -> str:
         try: mlflow.create_experiment(experiment, artifact_location=workspace("mlartifacts").as_uri())
         except mlflow.exceptions.MlflowException: pass          # created meanwhile by another process
     return mlflow.set_experiment(experiment).experiment_id
+
+# %% ../nbs/20_tracking.ipynb #f17b6d12
+def redact_uri(uri: str) -> str:
+    "`uri` fit to show or keep: its password (`user:password@host`, `?password=…`) replaced by `***`."
+    uri = re.sub(r"^([A-Za-z][\w+.-]*://[^:/@?#]*):[^@]*@", r"\1:***@", uri)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", uri)
+
+# %% ../nbs/20_tracking.ipynb #ad368487
+LOCK_URI = "CD4ML_LOCK_URI"    # through a tracking server: the PostgreSQL database that champion changes lock in
+
+def _scheme(uri: str) -> str: return uri.partition(":")[0].partition("+")[0].lower()
+
+def lock_uri() -> str:
+    "Where `store_lock` locks: the store itself, or, through a tracking server (`http(s):`), the database in `CD4ML_LOCK_URI`."
+    uri = tracking_uri()
+    if _scheme(uri) not in ("http", "https"): return uri
+    lock = os.environ.get(LOCK_URI, "")
+    if not lock:
+        raise Cd4mlError(f"changing the champion through the tracking server {redact_uri(uri)} needs a lock: set {LOCK_URI} "
+                         "to the server's PostgreSQL database (a role that may only connect is enough, see deploy/README.md)")
+    if _scheme(lock) != "postgresql":
+        raise Cd4mlError(f"{LOCK_URI}={redact_uri(lock)} is not a PostgreSQL URI: use postgresql://role:password@host:port/database")
+    return lock
+
+@contextmanager
+def store_lock(name: str):  # what is locked, e.g. 'registry:sales'; one lock per name and store
+    """Hold an exclusive lock on `name` across processes and machines: a file lock next to a SQLite file, a PostgreSQL
+    advisory lock on the store's database, or, through a tracking server, on the database in `CD4ML_LOCK_URI`."""
+    uri = lock_uri()
+    scheme = _scheme(uri)
+    if scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(f"{db.name}.{hash_bytes(name.encode())[:12]}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try: yield
+            finally: fcntl.flock(lock, fcntl.LOCK_UN)
+    elif scheme == "postgresql":
+        with _advisory_lock(uri, name): yield
+    else: yield                                             # a `file:` store: one machine's folder
+
+@contextmanager
+def _advisory_lock(uri: str, name: str):
+    "A PostgreSQL advisory lock on `name`, held by one connection (released by the server if this process dies)."
+    import sqlalchemy
+    url = uri if "+" in uri.partition(":")[0] else uri.replace("postgresql:", "postgresql+psycopg:", 1)
+    key = int.from_bytes(bytes.fromhex(hash_bytes(name.encode())[:16]), "big", signed=True)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        try: conn = engine.connect()
+        except sqlalchemy.exc.OperationalError as e:
+            raise Cd4mlError(f"cannot take the lock '{name}' in {redact_uri(uri)}: {str(e.orig).strip().splitlines()[0]}") from None
+        with conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try: yield
+            finally: conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally: engine.dispose()
+
+# %% ../nbs/20_tracking.ipynb #3955e10c
+@contextmanager
+def access_errors(action: str,     # what was being done, e.g. "promote version 3 of 'sales'"
+                  permission: str, # the MLflow permission it takes, e.g. "EDIT permission on registered model 'sales'"
+                 ):
+    "Turn a tracking server's refusals (401, 403) inside the block into one-line errors naming the user and the permission."
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import read_mlflow_creds
+    try: yield
+    except MlflowException as e:
+        code, server, user = e.error_code, redact_uri(tracking_uri()), read_mlflow_creds().username
+        if code == "PERMISSION_DENIED":
+            raise Cd4mlError(f"user '{user}' lacks {permission} at {server}, so it cannot {action}; "
+                             "an MLflow admin can grant it (see deploy/README.md)") from None
+        if code == "UNAUTHENTICATED":
+            who = f"the login of user '{user}'" if user else "a request without login"
+            raise Cd4mlError(f"the tracking server {server} refused {who}: set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD to an account on it") from None
+        raise
 
 # %% ../nbs/20_tracking.ipynb #46271f55
 def git_state(path: Path | str = ".") -> dict:

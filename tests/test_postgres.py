@@ -1,23 +1,22 @@
 """Shared tracking: `cd4ml run`, the registry and rollback on a real PostgreSQL MLflow store, and concurrent runs
 against one store (PostgreSQL and SQLite).
 
-A throwaway PostgreSQL cluster (Debian's package: initdb + postgres) lives in a temp dir on a free loopback port for
-this module and is stopped by its PID at the end. PostgreSQL refuses to run as root, so as root (CI, our machines) the
-cluster belongs to the `postgres` system user that the Debian package creates (else `nobody`).
+A throwaway PostgreSQL cluster (`_stores.pg_cluster`) serves this module.
 
 Each `cd4ml run` is a real subprocess (papermill kernels, gates, register step) on tiny data; the concurrent runs use
 distinct seeds and separate CD4ML_HOME workspaces but one MLFLOW_TRACKING_URI, as several machines sharing a store.
 The store's schema is created before the concurrent runs start (here by the sequential runs, or one client call):
 concurrent *first* connections to an empty store race in MLflow's schema migration — see deploy/README.md.
 """
-import json, os, pwd, shutil, signal, socket, subprocess, sys, tempfile, time
+import json, os, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from test_pipeline import ROOT, copy_project
+from _stores import pg_cluster, sql, tracking_server
+from test_pipeline import copy_project
 
 CD4ML = str(Path(sys.executable).parent/"cd4ml")
 TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
@@ -27,51 +26,10 @@ LENIENT = ["-p", "acceptance.max_nwrmsle=10", "-p", "acceptance.min_improvement_
 SEEDS = [11, 12, 13, 14]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def as_user() -> list[str]:
-    "The command prefix that runs PostgreSQL's binaries as an unprivileged user when we are root."
-    if os.getuid() != 0: return []
-    for user in ("postgres", "nobody"):
-        try: pwd.getpwnam(user)
-        except KeyError: continue
-        return ["runuser", "-u", user, "--"]
-    pytest.fail("running as root and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL as")
-
-
 @pytest.fixture(scope="module")
 def postgres(system_binary):
     "A throwaway PostgreSQL cluster with an empty `mlflow` database; yields its SQLAlchemy URI (psycopg 3 driver)."
-    import psycopg
-    bindir = Path(system_binary("postgres")).parent
-    root = Path(tempfile.mkdtemp(prefix="cd4ml-pg-"))         # not under pytest's tmp (mode 0700, owned by root)
-    prefix = as_user()
-    if prefix: shutil.chown(root, pwd.getpwnam(prefix[2]).pw_uid, pwd.getpwnam(prefix[2]).pw_gid)
-    data, port = root/"data", free_port()
-    subprocess.run([*prefix, bindir/"initdb", "-D", data, "-U", "cd4ml", "-A", "trust", "-E", "UTF8", "--no-sync"],
-                   check=True, capture_output=True)
-    log = open(root/"server.log", "w")
-    server = subprocess.Popen([*prefix, bindir/"postgres", "-D", data, "-p", str(port), "-k", root,
-                               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=100"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    admin = f"postgresql://cd4ml@127.0.0.1:{port}/postgres"
-    for _ in range(100):
-        try:
-            with psycopg.connect(admin, autocommit=True) as conn: conn.execute("CREATE DATABASE mlflow")
-            break
-        except psycopg.OperationalError:
-            if server.poll() is not None: pytest.fail(f"postgres exited: {(root/'server.log').read_text()}")
-            time.sleep(0.1)
-    else: pytest.fail(f"postgres did not accept connections: {(root/'server.log').read_text()}")
-    yield f"postgresql+psycopg://cd4ml@127.0.0.1:{port}/mlflow"
-    pid = int((data/"postmaster.pid").read_text().split()[0])   # the postmaster itself, not runuser
-    os.kill(pid, signal.SIGINT)                                 # "fast" shutdown
-    server.wait(timeout=60); log.close()
-    shutil.rmtree(root)
+    with pg_cluster(system_binary("postgres")) as uri: yield uri
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +70,6 @@ def models(monkeypatch):
 
 def run(project, env, *args):
     return cd4ml("run", project, *TINY, *args, env=env)
-
-
-def sql(uri: str, query: str) -> list[tuple]:
-    "Ask PostgreSQL itself (not MLflow) what the store holds."
-    import psycopg
-    with psycopg.connect(uri.replace("+psycopg", "")) as conn: return conn.execute(query).fetchall()
 
 
 def check_recorded(client: mlflow.MlflowClient, result: dict):
@@ -220,21 +172,9 @@ def test_concurrent_runs_on_sqlite(training_only, tmp_path):
 
 def test_tracking_server_script(postgres, sequential, tmp_path):
     "`scripts/tracking-server` (make tracking-server) serves the PostgreSQL store over HTTP and proxies artifacts."
-    import urllib.request
-    port, artifacts = free_port(), tmp_path/"artifacts"
-    env = {**os.environ, "CD4ML_HOME": str(tmp_path/"home"), "CD4ML_DB_URI": postgres, "CD4ML_ARTIFACTS": str(artifacts),
-           "PORT": str(port)}
-    server = subprocess.Popen([ROOT/"scripts"/"tracking-server"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if r.status == 200: break
-            except OSError: time.sleep(0.25)
-            assert server.poll() is None, server.stderr.read()
-        else: pytest.fail("the tracking server did not answer /health within 60 s")
+    artifacts = tmp_path/"artifacts"
+    env = {**os.environ, "CD4ML_HOME": str(tmp_path/"home"), "CD4ML_DB_URI": postgres, "CD4ML_ARTIFACTS": str(artifacts)}
+    with tracking_server(env, tmp_path/"server.log") as (url, _):
         client = mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
         _, first, second = sequential
         assert client.get_run(second["parent_run_id"]).data.tags["cd4ml.dataset"] == second["dataset"]   # the same store
@@ -250,6 +190,3 @@ def test_tracking_server_script(postgres, sequential, tmp_path):
         [stored] = artifacts.rglob("note.txt")
         assert stored.read_text() == "hello" and run.info.run_id in str(stored)
         assert sql(postgres, f"SELECT value FROM metrics WHERE run_uuid = '{run.info.run_id}' AND key = 'x'") == [(1.5,)]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
