@@ -22,7 +22,8 @@ import mlflow
 import pytest
 import yaml
 
-from test_postgres import LENIENT, check_promotions, free_port, postgres   # noqa: F401 (postgres: a fixture, one cluster per module)
+from _stores import free_port
+from test_postgres import LENIENT, check_promotions, postgres   # noqa: F401 (postgres: a fixture, one cluster per module)
 
 ROOT = Path(__file__).resolve().parents[1]
 CD4ML = str(Path(sys.executable).parent/"cd4ml")
