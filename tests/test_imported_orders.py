@@ -1,7 +1,7 @@
 """End to end on imported data, the way a new user starts: order lines of a few shops, where each product sells
 only every few weeks, imported without `--freq`, then the default pipeline (release step on) trained on them.
 And a `-p dataset=` that is empty or names no stored version stops `cd4ml run` before any step runs."""
-import json, os, subprocess, sys
+import json
 from pathlib import Path
 
 import mlflow
@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from cd4ml.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-CD4ML = str(Path(sys.executable).parent/"cd4ml")
 TINY = ["-p", "stores=2", "-p", "items=4", "-p", "days=120", "-p", "horizon=7", "-p", "n_train=2", "-p", "n_valid=1",
         "-p", "models=moving_average"]   # should the check ever let a run through, it stays short
 MAPPING = ["--date-col", "when", "--store-col", "shop", "--item-col", "sku", "--sales-col", "qty", "--promo-col", "promo"]
@@ -35,25 +34,16 @@ def order_lines(seed=0, shops=("north", "south", "east"), products=8, start="201
     return pd.DataFrame(rows, columns=["when", "shop", "sku", "qty", "promo"])
 
 
-def cd4ml(env, *args, timeout=900):
-    return subprocess.run([CD4ML, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="module")
+def env(new_workspace):
+    return new_workspace("orders").env
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("orders")/"cd4ml-home"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["CD4ML_HOME"] = str(home)
-    return env
-
-
-@pytest.fixture(scope="module")
-def imported(env, tmp_path_factory):
+def imported(env, cli, tmp_path_factory):
     path = tmp_path_factory.mktemp("orders")/"orders.csv"
     order_lines().to_csv(path, index=False)
-    r = cd4ml(env, "data", "import", path, *MAPPING, "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return cli.json(env, "data", "import", path, *MAPPING)
 
 
 def test_order_lines_are_inferred_daily(imported):
@@ -64,9 +54,9 @@ def test_order_lines_are_inferred_daily(imported):
     assert gaps.median() >= 14 and sales.date.dt.day_of_week.nunique() == 7   # intermittent series, daily calendar
 
 
-def test_default_pipeline_releases_a_model_of_order_lines(env, imported):
+def test_default_pipeline_releases_a_model_of_order_lines(env, imported, cli):
     home = Path(env["CD4ML_HOME"])
-    r = cd4ml(env, "run", "-p", f"dataset={imported['version'][:9]}", "-p", "models=moving_average,ridge", "-p", "n_train=4",
+    r = cli(env, "run", "-p", f"dataset={imported['version'][:9]}", "-p", "models=moving_average,ridge", "-p", "n_train=4",
               "-j", "1", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
