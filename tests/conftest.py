@@ -8,10 +8,10 @@ Ask for any of them by name:
 - `new_workspace(name)`: a fresh CD4ML_HOME in a temp folder (`.home`, `.env` for `cli`, `.uri` of its SQLite MLflow
   store, `.in_process()` to point this process at it too). `workspace`: the same for one test, this process on it.
 - `tiny_project(dest)`: a copy of pipeline.yaml and the step notebooks, to edit or to run from another folder.
-- `default_run`: the default pipeline run once, exactly as `make pipeline` runs it (session).
-- `tiny_release`: the default pipeline.yaml on tiny data, release step on, in a fresh workspace (session).
+- `default_run`: the default pipeline run once, exactly as `make pipeline` runs it (session); its workspace is shared.
+- `first_run`: a new user's first run: order lines imported, then the default pipeline on them, release on (session).
 - `served_registry(home, env=...)`: a small registry (champion v1, challenger v2) and `cd4ml serve` on it;
-  `running_server(home, ...)`: a server alone; `simulated_tables(...)`: the hand-made data the registry is trained on.
+  `running_server(home, ...)`: a server alone; `simulated_tables(...)`: hand-made data like the registry's.
 - `postgres`: a throwaway PostgreSQL cluster; `postgres.database(name)` is a new empty database's URI (session).
 - `browser`: a headless Chromium (Debian's, driven by playwright).
 - `free_port()`, `system_binary(name)`.
@@ -196,6 +196,42 @@ def default_run(new_workspace, cli):
     result = cli.json(ws.env, "run", timeout=1200)
     return SimpleNamespace(result=result, env=ws.env, home=ws.home, client=ws.client(), installed_before=before,
                            installed_after=installed())
+
+def order_lines(seed=0, shops=("north", "south", "east"), products=8, start="2016-01-04", weeks=78):
+    "Order lines: each shop sells each product once every 2-4 weeks on a random weekday, now and then in two lines."
+    import numpy as np, pandas as pd
+    rng = np.random.default_rng(seed)
+    rows = []
+    for shop in shops:
+        for p in range(products):
+            every, level = 2 + p % 3, 1 + p % 3
+            for week in range(int(rng.integers(every)), weeks, every):
+                day = pd.Timestamp(start) + pd.Timedelta(days=7 * week + int(rng.integers(7)))
+                promo = rng.random() < 0.3
+                for _ in range(1 + int(rng.random() < 0.2)):
+                    qty = rng.poisson(level * (2.0 if promo else 1.0)) + 1
+                    rows.append((f"{day.date()} {rng.integers(8, 20):02d}:{rng.integers(60):02d}", shop, f"SKU-{p:02d}", qty, int(promo)))
+    return pd.DataFrame(rows, columns=["when", "shop", "sku", "qty", "promo"])
+
+ORDER_COLUMNS = ["--date-col", "when", "--store-col", "shop", "--item-col", "sku", "--sales-col", "qty", "--promo-col", "promo"]
+
+@pytest.fixture(scope="session")
+def first_run(new_workspace, cli):
+    """A new user's first run: order lines of a few shops, where each product sells only every few weeks
+    (`order_lines`), imported with `cd4ml data import` (the grid inferred: no `--freq`); then the default pipeline.yaml
+    on them with the release step on, as `make pipeline` runs it, with `-p dataset=` (a version prefix) and two
+    candidates. Shared by test_imported_orders.py (what the run did) and test_interactive.py (step notebooks bound to
+    it, run by hand: they add runs and scratch outputs to the workspace, never registry changes).
+
+    Returns `workspace`, `env`, `home`, `imported` (the import's `--json` output), `args` (the run's arguments after
+    `run`, to rerun it) and `ran` (the run's `Ran`, `--json`)."""
+    ws = new_workspace("first-run")
+    csv = ws.home.parent/"orders.csv"
+    order_lines().to_csv(csv, index=False)
+    imported = cli.json(ws.env, "data", "import", csv, *ORDER_COLUMNS)
+    args = ["-p", f"dataset={imported['version'][:9]}", "-p", "models=moving_average,ridge", "-p", "n_train=4", "-j", "1"]
+    return SimpleNamespace(workspace=ws, env=ws.env, home=ws.home, imported=imported, args=args,
+                           ran=cli(ws.env, "run", *args, "--json"))
 
 # ---------------------------------------------------------------------------------------------------------------------
 # serving: a small registry and `cd4ml serve` on it

@@ -1,7 +1,7 @@
 """Step notebooks run by hand, as a data scientist runs them in JupyterLab: bound to the last `cd4ml run`.
 
-One run of the default pipeline.yaml on tiny data, release step on (as `make pipeline` runs it), in a temp workspace.
-Then each step notebook is executed with papermill and no parameters, from the project folder: it must write what
+The run is a new user's first (conftest's `first_run`): order lines imported, then the default pipeline.yaml on them,
+release step on, as `make pipeline` runs it. Then each step notebook is executed with papermill and no parameters, from the project folder: it must write what
 the pipeline wrote, into a scratch folder (never the cache), and the steps that write the registry (gate, register,
 release) must run dry and leave the registry and MLflow as they were. `cd4ml nb` copies run the same way. A real
 JupyterLab started by `make lab` serves the step notebooks, and its kernel runs one bound to the run.
@@ -19,19 +19,19 @@ import yaml
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "models=moving_average,ridge"]
 STEPS = ["data", "validate", "features", "train", "evaluate", "gate", "register", "release"]
 DRY = {"gate", "register", "release"}           # they write the registry or MLflow under `cd4ml run`
 
 
 @pytest.fixture(scope="module")
-def run(new_workspace, cli):
-    "The default pipeline run once, as `make pipeline` runs it; this process (and the kernels papermill starts) on its workspace."
-    ws = new_workspace("interactive")
+def run(first_run):
+    "The first run, as `make pipeline` runs it; this process (and the kernels papermill starts) on its workspace."
+    assert first_run.ran.returncode == 0, first_run.ran.stderr[-3000:]
+    result, ws = first_run.ran.json, first_run.workspace
     with ws.in_process():
-        result = cli.json(ws.env, "run", *TINY)
         executions = {e["name"]: e for e in json.loads((ws.home/"runs"/result["parent_run_id"]/"steps.json").read_text())}
-        yield {"home": ws.home, "env": ws.env, "result": result, "executions": executions, "client": ws.client()}
+        yield {"home": ws.home, "env": ws.env, "args": first_run.args, "result": result, "executions": executions,
+               "client": ws.client()}
 
 
 def registry_state(client: MlflowClient) -> dict:
@@ -174,7 +174,7 @@ def test_edited_step_reruns_with_what_depends_on_it(run, by_hand, cli, tiny_proj
     (Gate, register and release always run, `cache: false`: the copy of the spec leaves them out.)"""
     spec = tiny_project()
     features = spec.parent/"nbs"/"steps"/"features.ipynb"
-    def rerun(): return {s["name"]: not s["cached"] for s in cli.json(run["env"], "run", spec, *TINY)["steps"]}
+    def rerun(): return {s["name"]: not s["cached"] for s in cli.json(run["env"], "run", spec, *run["args"])["steps"]}
     nbformat.write(by_hand["executed"]["features"], str(features))         # as saved from JupyterLab after Run All
     assert not any(rerun().values())
     nb = nbformat.read(str(features), as_version=4)
