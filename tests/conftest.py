@@ -94,17 +94,22 @@ class Workspace:
     @contextmanager
     def in_process(self):
         """This process on the workspace too: CD4ML_HOME (which the kernels papermill starts here inherit) and MLflow's
-        tracking and registry URIs (for `mlflow.get_run`, ...). Restored after."""
+        tracking and registry URIs (for `mlflow.get_run`, ...). Restored after, to the workspace it was on before."""
         import mlflow
         saved = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
         os.environ.pop("MLFLOW_TRACKING_URI", None); os.environ["CD4ML_HOME"] = str(self.home)
         mlflow.set_tracking_uri(self.uri); mlflow.set_registry_uri(self.uri)
+        _in_process.append(self)
         try: yield self
         finally:
-            mlflow.set_tracking_uri(""); mlflow.set_registry_uri("")
+            _in_process.pop()
+            outer = _in_process[-1].uri if _in_process else ""
+            mlflow.set_tracking_uri(outer); mlflow.set_registry_uri(outer)
             for k, v in saved.items():
                 if v is None: os.environ.pop(k, None)
                 else: os.environ[k] = v
+
+_in_process: list[Workspace] = []       # the workspaces this process is on (`Workspace.in_process`), the innermost last
 
 @pytest.fixture(scope="session")
 def new_workspace(tmp_path_factory):
