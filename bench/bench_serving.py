@@ -1,7 +1,7 @@
 """Benchmark the forecast service: `cd4ml serve` vs `mlflow models serve`, same champion, same rows, loopback.
 
-Both servers run side by side in one workspace (a temporary one with a small simulated champion, unless
-CD4ML_BENCH_HOME names a workspace that already has a champion). Each gets the same single-row requests at
+Both servers run side by side in one workspace (a temporary one whose champion a small `cd4ml run` on simulated
+data trains, unless CD4ML_BENCH_HOME names a workspace that already has a champion). Each gets the same single-row requests at
 concurrency 1 and 16; we print requests/s, p50 and p99 latency, the server's CPU time per request, and cd4ml's
 throughput as a ratio of mlflow's. mlflow's server cannot compute features, so it is sent the precomputed
 feature row (`dataframe_split` of FEATURES) and runs the model on every request. cd4ml validates the row,
@@ -27,8 +27,9 @@ import httpx   # only to wait for mlflow's /health
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT/"tests"))
-from _serving_helpers import as_json_rows, build_registry, free_port, request_rows, running_server  # noqa: E402
+BIN = Path(sys.executable).parent
+CHAMPION_RUN = ["-p", "stores=4", "-p", "items=30", "-p", "days=200", "-p", "models=ridge,moving_average",
+                "-p", "release.bento=false"]      # a champion to serve; its Bento is not what this bench measures
 
 REQUESTS = {1: 200, 16: 800}          # concurrency -> requests sent per round (after a warm-up of 50)
 ROUNDS = 2                            # rounds of (cd4ml, mlflow) turns, pooled
@@ -118,6 +119,42 @@ async def main():
 asyncio.run(main())
 """
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+@contextmanager
+def server(argv: list[str], ready: str, log: Path, env: dict, timeout: float = 240):
+    "Start `argv` (in a process group of its own, output to `log`) and wait until GET `ready` answers 200; stop it after."
+    out = open(log, "w+")
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None: out.seek(0); sys.exit(f"{argv[0]} exited:\n{out.read()[-3000:]}")
+            try:
+                if httpx.get(ready, timeout=2).status_code == 200: break
+            except httpx.HTTPError: pass
+            if time.time() > deadline: sys.exit(f"{' '.join(argv[:3])} not ready after {timeout:g} s")
+            time.sleep(0.5)
+        yield
+    finally:
+        try: os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+        try: proc.wait(15)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait(5)
+        out.close()
+
+@contextmanager
+def cd4ml_server(home: Path):
+    "`cd4ml serve` of the champion on a free loopback port; yields its base URL."
+    port = free_port()
+    env = {**os.environ, "CD4ML_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with server([str(BIN/"cd4ml"), "serve", "--port", str(port)], f"http://127.0.0.1:{port}/readyz", home/"cd4ml-serve.log", env):
+        yield f"http://127.0.0.1:{port}"
+
 @contextmanager
 def trivial_server():
     "A minimal keep-alive HTTP server (asyncio, its own process): the client's own floor."
@@ -134,29 +171,19 @@ def trivial_server():
 def mlflow_server(home: Path):
     "`mlflow models serve` of the champion, on a free loopback port, local env; yields its /invocations URL."
     port = free_port()
-    cmd = [str(Path(sys.executable).parent/"mlflow"), "models", "serve", "-m", "models:/sales@champion",
+    cmd = [str(BIN/"mlflow"), "models", "serve", "-m", "models:/sales@champion",
            "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{home/'mlflow.db'}",                   # it execs `uvicorn`: find the venv's
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # running_server waits for /readyz; mlflow's scoring server has /health instead, so poll that here
-    log = open(home/"mlflow-serve.log", "w+")
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None: log.seek(0); sys.exit(f"mlflow models serve exited:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200: break
-            except httpx.HTTPError: pass
-            if time.time() > deadline: sys.exit("mlflow models serve not ready after 180 s")
-            time.sleep(0.5)
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with server(cmd, f"http://127.0.0.1:{port}/health", home/"mlflow-serve.log", {**os.environ, **env}, timeout=180):
         yield f"http://127.0.0.1:{port}/invocations"
-    finally:
-        try: os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError: pass
-        try: proc.wait(15)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+
+def train_champion(home: Path):
+    "A small `cd4ml run` on simulated data in workspace `home`: its champion is what the servers serve."
+    env = {**os.environ, "CD4ML_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([str(BIN/"cd4ml"), "run", *CHAMPION_RUN], cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode: sys.exit(f"training a champion to serve failed:\n{r.stderr[-3000:]}")
 
 def main() -> int:
     from cd4ml import features
@@ -164,14 +191,15 @@ def main() -> int:
         home = Path(os.environ.get("CD4ML_BENCH_HOME") or stack.enter_context(tempfile.TemporaryDirectory())/Path("ws"))
         os.environ["CD4ML_HOME"] = str(home)
         from cd4ml.deployment import load_forecaster, _forecasters
+        from cd4ml.release import as_request, smoke_rows
         try: fc = load_forecaster()
         except Exception:
-            build_registry(home); _forecasters.clear(); fc = load_forecaster()
-        rows = request_rows(fc.data, 1000, seed=11)
-        cd4ml_bodies = [{"rows": r} for r in (as_json_rows(rows.iloc[[i]]) for i in range(len(rows)))]
+            train_champion(home); _forecasters.clear(); fc = load_forecaster()
+        rows = smoke_rows(fc.data, fc.catalog.max_horizon, n=1000, seed=11)
+        cd4ml_bodies = [{"rows": r} for r in (as_request(rows.iloc[[i]]) for i in range(len(rows)))]
         X = features.features_for(fc.data, rows, fc.origin)[features.FEATURES]
         mlflow_bodies = [{"dataframe_split": {"columns": features.FEATURES, "data": [X.iloc[i].tolist()]}} for i in range(len(rows))]
-        base = stack.enter_context(running_server(home, timeout=240))
+        base = stack.enter_context(cd4ml_server(home))
         mlflow_url = stack.enter_context(mlflow_server(home))
         client_url = stack.enter_context(trivial_server())
         servers = (("cd4ml", f"{base}/predict", cd4ml_bodies), ("mlflow", mlflow_url, mlflow_bodies))

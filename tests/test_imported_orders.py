@@ -1,11 +1,8 @@
-"""End to end on imported data, the way a new user starts: order lines of a few shops, where each product sells
-only every few weeks, imported without `--freq`, then the default pipeline (release step on) trained on them.
-And a `-p dataset=` that is empty or names no stored version stops `cd4ml run` before any step runs."""
-import json, os, subprocess, sys
+"""End to end on imported data, the way a new user starts (conftest's `first_run`): order lines of a few shops, where
+each product sells only every few weeks, imported without `--freq`, then the default pipeline (release step on)
+trained on them. And a `-p dataset=` that is empty or names no stored version stops `cd4ml run` before any step runs."""
 from pathlib import Path
 
-import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -13,50 +10,12 @@ from typer.testing import CliRunner
 from cd4ml.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-CD4ML = str(Path(sys.executable).parent/"cd4ml")
 TINY = ["-p", "stores=2", "-p", "items=4", "-p", "days=120", "-p", "horizon=7", "-p", "n_train=2", "-p", "n_valid=1",
         "-p", "models=moving_average"]   # should the check ever let a run through, it stays short
-MAPPING = ["--date-col", "when", "--store-col", "shop", "--item-col", "sku", "--sales-col", "qty", "--promo-col", "promo"]
 
 
-def order_lines(seed=0, shops=("north", "south", "east"), products=8, start="2016-01-04", weeks=78) -> pd.DataFrame:
-    "Order lines: each shop sells each product once every 2-4 weeks on a random weekday, now and then in two lines."
-    rng = np.random.default_rng(seed)
-    rows = []
-    for shop in shops:
-        for p in range(products):
-            every, level = 2 + p % 3, 1 + p % 3
-            for week in range(int(rng.integers(every)), weeks, every):
-                day = pd.Timestamp(start) + pd.Timedelta(days=7 * week + int(rng.integers(7)))
-                promo = rng.random() < 0.3
-                for _ in range(1 + int(rng.random() < 0.2)):
-                    qty = rng.poisson(level * (2.0 if promo else 1.0)) + 1
-                    rows.append((f"{day.date()} {rng.integers(8, 20):02d}:{rng.integers(60):02d}", shop, f"SKU-{p:02d}", qty, int(promo)))
-    return pd.DataFrame(rows, columns=["when", "shop", "sku", "qty", "promo"])
-
-
-def cd4ml(env, *args, timeout=900):
-    return subprocess.run([CD4ML, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("orders")/"cd4ml-home"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["CD4ML_HOME"] = str(home)
-    return env
-
-
-@pytest.fixture(scope="module")
-def imported(env, tmp_path_factory):
-    path = tmp_path_factory.mktemp("orders")/"orders.csv"
-    order_lines().to_csv(path, index=False)
-    r = cd4ml(env, "data", "import", path, *MAPPING, "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
-def test_order_lines_are_inferred_daily(imported):
+def test_order_lines_are_inferred_daily(first_run):
+    imported = first_run.imported
     assert (imported["freq"], imported["stores"], imported["items"]) == ("D", 3, 8)
     assert (imported["start"], imported["end"]) == ("2016-01-04", "2017-07-02")
     sales = pd.read_parquet(Path(imported["path"])/"sales.parquet")
@@ -64,12 +23,10 @@ def test_order_lines_are_inferred_daily(imported):
     assert gaps.median() >= 14 and sales.date.dt.day_of_week.nunique() == 7   # intermittent series, daily calendar
 
 
-def test_default_pipeline_releases_a_model_of_order_lines(env, imported):
-    home = Path(env["CD4ML_HOME"])
-    r = cd4ml(env, "run", "-p", f"dataset={imported['version'][:9]}", "-p", "models=moving_average,ridge", "-p", "n_train=4",
-              "-j", "1", "--json")
+def test_default_pipeline_releases_a_model_of_order_lines(first_run):
+    imported, r = first_run.imported, first_run.ran
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout)
+    out = r.json
     assert out["dataset"] == imported["version"]
     assert [s["name"] for s in out["steps"]][-3:] == ["gate", "register", "release"]
     assert [g["result"] for g in out["gates"]] == ["pass"] * 5, out["gates"]
@@ -77,7 +34,7 @@ def test_default_pipeline_releases_a_model_of_order_lines(env, imported):
     rel = out["release"]
     assert (rel["status"], rel["version"], rel["promoted"], rel["champion"]) == ("passed", "1", True, "1"), rel
     assert [g["result"] for g in rel["gates"]] == ["pass"] * 5, rel["gates"]
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home/'mlflow.db'}", registry_uri=f"sqlite:///{home/'mlflow.db'}")
+    client = first_run.workspace.client()
     assert {k: str(v) for k, v in client.get_registered_model("sales").aliases.items()} == {"champion": "1"}
     assert client.get_model_version("sales", "1").tags["dataset_version"] == imported["version"]
 

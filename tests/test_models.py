@@ -2,7 +2,6 @@
 service read it), served/offline parity, leakage, and every candidate surviving a skops round trip (the
 format `mlflow.sklearn` stores) with identical predictions."""
 import numpy as np
-import pandas as pd
 import pytest
 import skops.io
 

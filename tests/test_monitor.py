@@ -1,7 +1,7 @@
 """End to end: a real server answers and logs requests, actuals are posted to /feedback, and `cd4ml monitor`
 reads the logs: no alert when the actuals follow the training data, accuracy and drift alerts when demand
 has shifted, an unknown-store alert when requests name stores the model does not know."""
-import json, os, subprocess, sys
+import json
 from pathlib import Path
 
 import httpx
@@ -9,27 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from cd4ml.features import FEATURES
-from _serving_helpers import BIN, ROOT, as_json_rows, running_server, served_registry, simulated_tables
-
-def monitor_command(*args: str) -> list[str]:
-    "`cd4ml monitor` once the CLI mounts it; else the same typer command function run directly."
-    from cd4ml.cli import app
-    if any((c.name or c.callback.__name__) == "monitor" for c in app.registered_commands):
-        return [str(BIN/"cd4ml"), "monitor", *args]
-    return [sys.executable, "-c", "import typer; from cd4ml.cli_monitor import monitor; typer.run(monitor)", *args]
-
-def run_monitor(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CD4ML_HOME": str(home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(monitor_command("--json", *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+from cd4ml.release import as_request
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(served_registry, tmp_path_factory):
     home = tmp_path_factory.mktemp("monitor")/"cd4ml-home"
     with served_registry(home, env={"CD4ML_SHADOW": "1"}, prepare=lambda reg: {"holdout": set_holdout_nwrmsle(reg)}) as served:
         yield served
+
+@pytest.fixture(scope="module")
+def later(simulated_tables):
+    "The same hand-made process as the served registry's data, 16 days longer: the actuals of its forecastable days."
+    return simulated_tables(days=136)
 
 def set_holdout_nwrmsle(reg) -> float:
     "Backtest v1 on the last 16 days of its dataset and record that as its holdout NWRMSLE (as the pipeline does)."
@@ -43,9 +35,8 @@ def set_holdout_nwrmsle(reg) -> float:
     mlflow.MlflowClient(tracking_uri()).set_model_version_tag("sales", "1", "metric.nwrmsle", repr(value))
     return value
 
-def future(ds, level: float = 1.0) -> pd.DataFrame:
-    "Every store-item of the 16 forecastable days, with promotions and actuals from the same process (x `level`)."
-    full = simulated_tables(days=136)
+def future(ds, full: dict, level: float = 1.0) -> pd.DataFrame:
+    "Every store-item of the 16 forecastable days, with promotions and actuals from `full` (`later`), x `level`."
     end = pd.Timestamp(ds.meta["end"])
     grid = pd.MultiIndex.from_product([pd.date_range(end + pd.Timedelta(days=1), periods=16), range(1, 5), range(100, 130)],
                                       names=["date", "store_nbr", "item_nbr"]).to_frame(index=False)
@@ -59,7 +50,7 @@ def future(ds, level: float = 1.0) -> pd.DataFrame:
 
 def predict_all(base, rows):
     for a in range(0, len(rows), 500):
-        r = httpx.post(f"{base}/predict", json={"rows": as_json_rows(rows.iloc[a:a + 500])}, timeout=60)
+        r = httpx.post(f"{base}/predict", json={"rows": as_request(rows.iloc[a:a + 500])}, timeout=60)
         assert r.status_code == 200, r.text
 
 def post_feedback(base, rows):
@@ -78,11 +69,11 @@ def test_feedback_rejects_bad_rows(served):
         assert field in r.text, r.text
     assert not (served["home"]/"feedback"/"feedback.jsonl").exists()        # nothing recorded from refused posts
 
-def test_no_drift_then_drift(served):
+def test_no_drift_then_drift(served, later, cli):
     import mlflow
     from cd4ml.core import tracking_uri
-    base, home, ds = served["base"], served["home"], served["dataset"]
-    calm = future(ds)
+    base, ds = served["base"], served["dataset"]
+    calm = future(ds, later)
     predict_all(base, calm)
     answer = post_feedback(base, calm)
     assert answer["rows"] == len(calm) == 1920
@@ -91,7 +82,7 @@ def test_no_drift_then_drift(served):
     gauge = next(l for l in metrics.splitlines() if l.startswith("cd4ml_live_nwrmsle") and 'model_version="1"' in l)
     assert abs(float(gauge.split()[-1]) - answer["live"]["1"]["nwrmsle"]) < 1e-9
 
-    r = run_monitor(home)
+    r = cli(served["env"], "monitor", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(r.stdout)
     assert report["alerts"] == [] and report["retrain"] is False
@@ -106,12 +97,12 @@ def test_no_drift_then_drift(served):
     runs = client.search_runs([client.get_experiment_by_name("cd4ml-monitoring").experiment_id])
     assert len(runs) == 1 and abs(runs[0].data.metrics["live_nwrmsle_v1"] - live) < 1e-9
 
-    shifted = future(ds, level=2.5)                  # demand jumps: the later post of each store-item-day wins
+    shifted = future(ds, later, level=2.5)                 # demand jumps: the later post of each store-item-day wins
     post_feedback(base, shifted)
     bad = httpx.post(f"{base}/predict", json={"rows": [{"date": calm.date[0].date().isoformat(), "store_nbr": 42, "item_nbr": 100,
                                                         "onpromotion": False}]}, timeout=30)
     assert bad.status_code == 422
-    r = run_monitor(home)
+    r = cli(served["env"], "monitor", "--json")
     assert r.returncode == 1, r.stdout + r.stderr
     report = json.loads(r.stdout)
     kinds = {a["kind"] for a in report["alerts"]}
@@ -127,18 +118,13 @@ def test_no_drift_then_drift(served):
 # the pipeline on it; its gates promote the retrained model, which then forecasts the next two drifted weeks better
 # than the old champion on the same rows. (Measured offline on simulator seeds 0-4 with these sizes: the retrained
 # ridge is promoted on every seed and beats the old champion on the next two weeks by 2-7%; seed 0 is used here.)
-RUN = ["-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2", "-p", "models=ridge,moving_average"]
+RUN = ["-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2", "-p", "models=ridge,moving_average",
+       "-p", "release.bento=false"]     # monitor --retrain with the Bento release on: test_weekly.py
 START, DAYS, REPORTED, LATER = pd.Timestamp("2016-01-01"), 200, 35, 14
-
-def run_params() -> list[str]:
-    "RUN, plus no Bento build in the release step when the spec has one (it is tested in its own test)."
-    import yaml
-    spec = yaml.safe_load((ROOT/"pipeline.yaml").read_text())
-    return RUN + (["-p", "release.bento=false"] if "bento" in (spec.get("release") or {}) else [])
 
 NEW_ITEMS = 5
 
-def simulated_world(home: Path):
+def simulated_world():
     """A simulation whose promotion lift triples on day 200, when 5 new items launch; the first 200 days saved as the
     training dataset (its item table lists the items sold by then)."""
     from cd4ml.datasets import save_dataset
@@ -146,7 +132,6 @@ def simulated_world(home: Path):
     sim = simulate(stores=6, items=30, days=DAYS + REPORTED + LATER, start=str(START.date()), seed=0,
                    drift=f"promo=3@{(START + pd.Timedelta(days=DAYS)).date()},items={NEW_ITEMS}@{(START + pd.Timedelta(days=DAYS)).date()}")
     end = START + pd.Timedelta(days=DAYS - 1)
-    os.environ["CD4ML_HOME"] = str(home)
     sales = sim["train"].drop(columns="id")[lambda d: d.date <= end]
     ds = save_dataset({"sales": sales, "items": sim["items"][sim["items"].item_nbr.isin(sales.item_nbr)],
                        "stores": sim["stores"], "holidays": sim["holidays_events"], "oil": sim["oil"],
@@ -161,11 +146,6 @@ def week(sim, first: pd.Timestamp, days: int = 7) -> pd.DataFrame:
     rows["onpromotion"] = rows.onpromotion.astype("boolean").fillna(False).astype(bool)
     return rows.fillna({"unit_sales": 0.0}).astype({"store_nbr": "int64", "item_nbr": "int64"})
 
-def run_cd4ml(home, *args):
-    env = {**os.environ, "CD4ML_HOME": str(home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([str(BIN/"cd4ml"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
 def old_champion_nwrmsle(dataset_version: str, rows: pd.DataFrame) -> float:
     "NWRMSLE of v1 on `rows`, forecast as the service would if v1 were served from `dataset_version`'s history."
     from cd4ml.datasets import load_dataset
@@ -177,13 +157,12 @@ def old_champion_nwrmsle(dataset_version: str, rows: pd.DataFrame) -> float:
     weight = perishable_weight(rows.item_nbr.map(data.table("items").set_index("item_nbr").perishable))
     return nwrmsle(rows.unit_sales, pred, weight)
 
-def test_drift_alert_then_retrain_promotes_a_better_model(tmp_path):
-    home = tmp_path/"cd4ml-home"
-    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
-    params = run_params()
-    try:
-        sim, ds, end = simulated_world(home)
-        r = run_cd4ml(home, "run", "-p", f"dataset={ds.version}", *params, "--json")
+def test_drift_alert_then_retrain_promotes_a_better_model(new_workspace, cli, running_server):
+    ws = new_workspace("retrain")
+    home = ws.home
+    with ws.in_process():
+        sim, ds, end = simulated_world()
+        r = cli(ws.env, "run", "-p", f"dataset={ds.version}", *RUN, "--json")
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads(r.stdout or "{}").get("registered", {}).get("aliases") == ["champion"], r.stdout[-2000:] + r.stderr[-2000:]
 
@@ -198,7 +177,7 @@ def test_drift_alert_then_retrain_promotes_a_better_model(tmp_path):
                 r = httpx.post(f"{base}/predict", json={"rows": [{"date": str((end + pd.Timedelta(days=1)).date()), "store_nbr": 1,
                                                                   "item_nbr": int(item), "onpromotion": False}]}, timeout=30)
                 assert r.status_code == 422 and f"unknown item {item}" in r.text, r.text
-        r = run_monitor(home, "--retrain", *[a for p in params[1::2] for a in ("-p", p)])
+        r = cli(ws.env, "monitor", "--json", "--retrain", *[a for p in RUN[1::2] for a in ("-p", p)])
         assert r.returncode == 1 and r.stdout.startswith("{"), r.stdout + r.stderr[-3000:]
         report = json.loads(r.stdout)
         assert {"accuracy", "unknown"} <= {a["kind"] for a in report["alerts"]} and report["retrain"] is True, report["alerts"]
@@ -227,7 +206,7 @@ def test_drift_alert_then_retrain_promotes_a_better_model(tmp_path):
         with running_server(home, env={"CD4ML_MAX_HORIZON": str(LATER)}) as base:
             info = httpx.get(f"{base}/info", timeout=30).json()
             predict_all(base, later); post_feedback(base, later)
-        r = run_monitor(home, "--since", str(later.date.min().date()))
+        r = cli(ws.env, "monitor", "--json", "--since", str(later.date.min().date()))
         after = json.loads(r.stdout)
         assert after["champion"] == "2" and after["dataset_version"] == grown.version, (after["champion"], info)
         new_live = after["live"]["2"]
@@ -237,7 +216,3 @@ def test_drift_alert_then_retrain_promotes_a_better_model(tmp_path):
               f"new champion live {new_live['nwrmsle']:.4f} on them")
         assert new_live["nwrmsle"] < old_same_rows, (new_live, old_same_rows)
         assert new_live["nwrmsle"] < old_live, (new_live, old_live)
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v

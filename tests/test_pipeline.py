@@ -4,8 +4,7 @@ SQLite store and real step notebooks, on tiny simulated data in a temp workspace
 One module-scoped pipeline run (`base`) is shared; tests that change step notebooks work on their own copy of
 the project so they do not disturb the others (the cache and MLflow store are shared, as in real use).
 """
-import json, math, os, shutil, subprocess, sys
-from contextlib import contextmanager
+import json, math, shutil
 from pathlib import Path
 
 import mlflow
@@ -14,63 +13,37 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CD4ML = str(Path(sys.executable).parent/"cd4ml")
 TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
         "-p", "models.random_forest.n_estimators=10", "-p", "models.hist_gbr.max_iter=30"]
 MODELS = ["moving_average", "seasonal_naive", "ridge", "random_forest", "hist_gbr"]
-
-
-def copy_project(dest: Path, gates: bool = False) -> Path:
-    """A copy of the project's pipeline.yaml and step notebooks; returns the spec path.
-    Without `gates` the spec ends at evaluate: the registry steps (gate, register: `cache: false`) are tested in
-    test_pipeline_gates.py, and here they would make every run depend on the registry's state."""
-    (dest/"nbs").mkdir(parents=True)
-    shutil.copytree(ROOT/"nbs"/"steps", dest/"nbs"/"steps")
-    spec = yaml.safe_load((ROOT/"pipeline.yaml").read_text())
-    if not gates: spec["steps"] = [s for s in spec["steps"] if s.get("cache", True)]
-    (dest/"pipeline.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    return dest/"pipeline.yaml"
-
-
-def cd4ml(*args, env=None):
-    "Run the cd4ml CLI; returns the completed process."
-    return subprocess.run([CD4ML, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
-
-
-def run_json(spec, *args, env=None) -> dict:
-    r = cd4ml("run", spec, *TINY, *args, "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def cached(result) -> dict:
     return {s["name"]: s["cached"] for s in result["steps"]}
 
 
-@contextmanager
-def cli_workspace(home: Path):
-    "Environment for the CLI with CD4ML_HOME=`home` and its default SQLite MLflow store; this process's MLflow points there too."
-    e = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    e["CD4ML_HOME"] = str(home)
-    mlflow.set_tracking_uri(f"sqlite:///{home/'mlflow.db'}"); mlflow.set_registry_uri(f"sqlite:///{home/'mlflow.db'}")
-    try: yield e
-    finally: mlflow.set_tracking_uri(""); mlflow.set_registry_uri("")
+@pytest.fixture(scope="module")
+def env(new_workspace):
+    "The module's workspace, for the CLI; this process's MLflow calls (`mlflow.get_run`, ...) read its store too."
+    with new_workspace("pipeline").in_process() as ws: yield ws.env
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    with cli_workspace(tmp_path_factory.mktemp("pipeline")/"cd4ml-home") as e: yield e
+def project(tiny_project):
+    "A copy of the project without the registry steps (tested in test_registry_steps.py): runs do not depend on the registry."
+    return tiny_project()
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return copy_project(tmp_path_factory.mktemp("project"))
+def run_json(cli, env):
+    "`run_json(spec, *args)`: `cd4ml run --json` of `spec` on tiny data in the module's workspace; it must succeed."
+    return lambda spec, *args: cli.json(env, "run", spec, *TINY, *args)
 
 
 @pytest.fixture(scope="module")
-def base(env, project):
+def base(run_json, project):
     "The pipeline run once on tiny data with two parallel workers."
-    return run_json(project, "-j", "2", env=env)
+    return run_json(project, "-j", "2")
 
 
 def test_results(base, env):
@@ -124,9 +97,9 @@ def test_mlflow_records(base, env):
     assert len(model.predict(example)) == len(example)
 
 
-def test_no_change_rerun_is_cached(base, env, project):
+def test_no_change_rerun_is_cached(base, env, project, run_json):
     # some steps cached: a new tracked run whose cached candidates point to the models logged before
-    again = run_json(project, "-p", "models=ridge,moving_average", env=env)
+    again = run_json(project, "-p", "models=ridge,moving_average")
     assert cached(again) == {"data": True, "validate": True, "features": True, "train:ridge": True,
                              "train:moving_average": True, "evaluate": False}
     assert again["parent_run_id"] != base["parent_run_id"] and not again["up_to_date"]
@@ -138,14 +111,14 @@ def test_no_change_rerun_is_cached(base, env, project):
     assert child.data.metrics == pytest.approx(base_ridge["metrics"], rel=1e-15)
     # nothing changed at all: up to date, the earlier run's results, nothing run or logged
     runs_before = len(mlflow.search_runs(search_all_experiments=True))
-    same = run_json(project, env=env)
+    same = run_json(project)
     assert same["up_to_date"] and all(cached(same).values())
     assert same["parent_run_id"] == base["parent_run_id"] and same["candidates"] == base["candidates"]
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
 
 
-def test_parameter_change_reruns_what_depends_on_it(base, env, project):
-    r = run_json(project, "-p", "models.ridge.alpha=5.0", env=env)
+def test_parameter_change_reruns_what_depends_on_it(base, env, project, run_json):
+    r = run_json(project, "-p", "models.ridge.alpha=5.0")
     steps = cached(r)
     assert not steps["train:ridge"] and not steps["evaluate"]
     assert all(steps[s] for s in ["data", "validate", "features", "train:hist_gbr", "train:moving_average"])
@@ -154,29 +127,29 @@ def test_parameter_change_reruns_what_depends_on_it(base, env, project):
     assert mlflow.get_run(ridge["run_id"]).data.params["alpha"] == "5.0"
 
 
-def test_notebook_change_reruns_that_step(base, env, tmp_path):
-    spec = copy_project(tmp_path)
-    assert run_json(spec, env=env)["up_to_date"]                               # same content, other folder: cached
+def test_notebook_change_reruns_that_step(base, env, tmp_path, run_json, tiny_project):
+    spec = tiny_project(tmp_path)
+    assert run_json(spec)["up_to_date"]                               # same content, other folder: cached
     nb = nbformat.read(str(tmp_path/"nbs/steps/evaluate.ipynb"), as_version=4)
     nb.cells.append(nbformat.v4.new_markdown_cell("A note for the reader."))
     nbformat.write(nb, str(tmp_path/"nbs/steps/evaluate.ipynb"))
-    steps = cached(run_json(spec, env=env))
+    steps = cached(run_json(spec))
     assert not steps["evaluate"] and all(v for k, v in steps.items() if k != "evaluate"), steps
 
 
-def test_input_data_change(base, env, project):
-    other = run_json(project, "-p", "seed=1", "-p", "models=ridge", env=env)
+def test_input_data_change(base, env, project, run_json):
+    other = run_json(project, "-p", "seed=1", "-p", "models=ridge")
     assert other["dataset"] != base["dataset"]
     assert not any(cached(other).values()), other["steps"]                 # new data: everything reruns
     # naming the first dataset explicitly reruns only the data step: its output (the version) is unchanged,
     # so every later step is found in the cache by content
-    same = run_json(project, "-p", f"dataset={base['dataset']}", "-p", "models=ridge", env=env)
+    same = run_json(project, "-p", f"dataset={base['dataset']}", "-p", "models=ridge")
     assert same["dataset"] == base["dataset"]
     assert cached(same) == {"data": False, "validate": True, "features": True, "train:ridge": True, "evaluate": False}
 
 
-def test_force_and_serial_equal_parallel(base, env, project):
-    serial = run_json(project, "--force", "-j", "1", env=env)
+def test_force_and_serial_equal_parallel(base, env, project, run_json):
+    serial = run_json(project, "--force", "-j", "1")
     assert not any(cached(serial).values())
     assert [c["metrics"] for c in serial["candidates"]] == [c["metrics"] for c in base["candidates"]]
     assert serial["oracle_nwrmsle"] == base["oracle_nwrmsle"]
@@ -199,8 +172,8 @@ def test_bad_params_fail_before_running(base, env, project, monkeypatch):
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
 
 
-def test_failing_step(base, env, tmp_path):
-    spec_path = copy_project(tmp_path)
+def test_failing_step(base, env, tmp_path, cli, tiny_project):
+    spec_path = tiny_project(tmp_path)
     boom = nbformat.v4.new_notebook()
     boom.metadata.kernelspec = {"name": "python3", "display_name": "python3", "language": "python"}
     boom.cells = [nbformat.v4.new_code_cell("model = 'x'\nmodel_params = {}\ninputs = {}\noutput_dir = '.'", metadata={"tags": ["parameters"]}),
@@ -210,7 +183,7 @@ def test_failing_step(base, env, tmp_path):
     spec = yaml.safe_load(spec_path.read_text())
     spec["steps"].insert(3, {"name": "boom", "notebook": "nbs/steps/boom.ipynb", "foreach": "models", "inputs": ["features"], "outputs": ["ok.txt"]})
     spec_path.write_text(yaml.safe_dump(spec))
-    r = cd4ml("run", spec_path, *TINY, "-p", "models=ridge,moving_average", "-j", "1", env=env)
+    r = cli(env, "run", spec_path, *TINY, "-p", "models=ridge,moving_average", "-j", "1")
     assert r.returncode == 1, r.stderr
     msg = " ".join(r.stderr.split())
     assert "step 'boom:ridge' failed in" in msg and "boom.ipynb, cell 2" in msg and "ValueError: ridge exploded" in msg, msg
@@ -223,22 +196,13 @@ def test_failing_step(base, env, tmp_path):
     assert "notebooks/boom-ridge.ipynb" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "notebooks")}
 
 
-def test_reproduce(base, env):
-    r = cd4ml("reproduce", base["parent_run_id"], "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["match"] and out["problems"] == [] and out["dataset"] == base["dataset"]
-    assert len(out["metrics"]) >= 4 * len(MODELS) and all(m["match"] for m in out["metrics"])
-    assert mlflow.get_run(out["reproduced_run_id"]).data.tags["cd4ml.reproduces"] == base["parent_run_id"]
-
-
-def test_reproduce_detects_metric_code_and_data_changes(base, env, tmp_path):
-    spec = copy_project(tmp_path)
-    small = run_json(spec, "-p", "models=moving_average", env=env)
+def test_reproduce_detects_metric_code_and_data_changes(base, env, tmp_path, cli, run_json, tiny_project):
+    spec = tiny_project(tmp_path)
+    small = run_json(spec, "-p", "models=moving_average")
     # tamper with a recorded metric: reproduce says which one differs
     ma = small["candidates"][0]
     mlflow.MlflowClient().log_metric(ma["run_id"], "rmse", 123.0)
-    r = cd4ml("reproduce", small["parent_run_id"], "--json", env=env)
+    r = cli(env, "reproduce", small["parent_run_id"], "--json")
     assert r.returncode == 1
     problems = json.loads(r.stdout)["problems"]
     assert problems == [f"metric differs: moving_average rmse 123.0 → {ma['metrics']['rmse']!r}"], problems
@@ -246,13 +210,13 @@ def test_reproduce_detects_metric_code_and_data_changes(base, env, tmp_path):
     nb = nbformat.read(str(tmp_path/"nbs/steps/evaluate.ipynb"), as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("print('changed')"))
     nbformat.write(nb, str(tmp_path/"nbs/steps/evaluate.ipynb"))
-    r = cd4ml("reproduce", small["parent_run_id"], "--json", env=env)
+    r = cli(env, "reproduce", small["parent_run_id"], "--json")
     assert r.returncode == 1
     assert any("step notebook 'evaluate'" in p for p in json.loads(r.stdout)["problems"])
     # the pinned dataset is gone: reproduce refuses before running
-    pinned = run_json(spec, "-p", f"dataset={base['dataset']}", "-p", "models=moving_average", env=env)
+    pinned = run_json(spec, "-p", f"dataset={base['dataset']}", "-p", "models=moving_average")
     shutil.rmtree(Path(env["CD4ML_HOME"])/"data"/base["dataset"])
-    r = cd4ml("reproduce", pinned["parent_run_id"], env=env)
+    r = cli(env, "reproduce", pinned["parent_run_id"])
     assert r.returncode == 2 and f"dataset version {base['dataset']}" in r.stderr and "missing" in r.stderr, r.stderr
 
 
@@ -284,40 +248,41 @@ def test_default_run_reports_show_only_the_run(default_run):
     assert noise == []
 
 
-def test_default_rerun_is_up_to_date(default_run):
-    r = cd4ml("run", ROOT/"pipeline.yaml", "--json", env=default_run.env)
+def test_default_rerun_is_up_to_date(default_run, cli):
+    r = cli(default_run.env, "run", ROOT/"pipeline.yaml", "--json")
     assert r.returncode == 0, r.stderr
     again = json.loads(r.stdout)
     assert again["up_to_date"] and again["parent_run_id"] == default_run.result["parent_run_id"]
     assert [(s["name"], s["cached"], s["why"]) for s in again["steps"]] == [(n, True, "cached: up to date") for n in DEFAULT_STEPS]
 
 
-def test_explain_names_what_changed(default_run, tmp_path):
+def test_explain_names_what_changed(default_run, tmp_path, cli, tiny_project):
     # the project's steps up to evaluate, in another folder: the same keys as the default run, so all cached
     # except what a changed notebook and a changed param rerun
-    spec = copy_project(tmp_path)
+    spec = tiny_project(tmp_path)
     nb = nbformat.read(str(tmp_path/"nbs/steps/evaluate.ipynb"), as_version=4)
     nb.cells.append(nbformat.v4.new_markdown_cell("A note for the reader."))
     nbformat.write(nb, str(tmp_path/"nbs/steps/evaluate.ipynb"))
-    r = cd4ml("run", spec, "-p", "models.moving_average.days=28", "--json", env=default_run.env)
+    r = cli(default_run.env, "run", spec, "-p", "models.moving_average.days=28", "--json")
     assert r.returncode == 0, r.stderr
     why = {s["name"]: s["why"] for s in json.loads(r.stdout)["steps"]}
     assert why == {**{n: "cached" for n in DEFAULT_STEPS[:9]},
                    "train:moving_average": "param model_params.days: 14 → 28",
                    "evaluate": "notebook changed; input train.moving_average changed"}, why
     # the table of `--explain`; the change is named against the step's last run
-    r = cd4ml("run", spec, "-p", "models.moving_average.days=56", "--explain", env={**default_run.env, "COLUMNS": "200"})
+    r = cli({**default_run.env, "COLUMNS": "200"}, "run", spec, "-p", "models.moving_average.days=56", "--explain")
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if "train:moving_average" in line)
     assert "param model_params.days: 28 → 56" in row, r.stdout
     assert "why" in r.stdout and "│ cached " in r.stdout
 
 
-def test_default_run_reproduces(default_run):
-    r = cd4ml("reproduce", default_run.result["parent_run_id"], "--json", env=default_run.env)
+def test_default_run_reproduces(default_run, cli):
+    r = cli(default_run.env, "reproduce", default_run.result["parent_run_id"], "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["match"] and out["problems"] == [] and out["dataset"] == default_run.result["dataset"]
+    assert default_run.client.get_run(out["reproduced_run_id"]).data.tags["cd4ml.reproduces"] == default_run.result["parent_run_id"]
     assert out["skipped_steps"] == ["gate", "register", "release"]
     compared = {(m["run"], m["metric"]) for m in out["metrics"]}
     assert {("pipeline", "best_nwrmsle"), ("pipeline", "oracle_nwrmsle"), ("pipeline", "baseline_ma_nwrmsle")} <= compared

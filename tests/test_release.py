@@ -1,28 +1,17 @@
 """End to end: the release step of the default pipeline.yaml builds the registered version's Bento, serves it with
 `bentoml serve <tag>` on a loopback port, smoke-tests and load-tests it, and only then promotes it.
 
-Two `cd4ml run`s in one workspace, on tiny data: the first releases version 1 and makes it champion; the second
-(same data and candidates, mostly cached) registers version 2 with an impossible p99 threshold, and the
-release gate must keep it from being promoted, fail the run and say why. Other pipeline tests skip the Bento with
-`-p release.bento=false`.
+The first release is the default run's (`default_run`: `cd4ml run` as `make pipeline` runs it, full default data),
+which releases version 1 and makes it champion. A second run in its workspace (same data and candidates: every
+step before the gate cached) registers version 2 with an impossible p99 threshold, and the release gate must keep
+it from being promoted, fail the run and say why. (What the default pipeline computes stays the same: the later
+tests of that workspace still find the default run up to date.)
 """
-import json, os, subprocess, sys
+import json
 from pathlib import Path
 
-import mlflow
 import nbformat
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-CD4ML = str(Path(sys.executable).parent/"cd4ml")
-TINY = ["-p", "stores=3", "-p", "items=10", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
-        "-p", "models=moving_average,ridge", "-j", "1"]
-
-
-def run(env, *args):
-    "`cd4ml run --json` of the project's own pipeline.yaml (bentofile.yaml is next to it): (exit code, summary, stderr)."
-    r = subprocess.run([CD4ML, "run", *TINY, *args, "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None), " ".join(r.stderr.split())
 
 
 def release_gate(result, name) -> dict:
@@ -40,20 +29,14 @@ def bento_servers(tag: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    home = tmp_path_factory.mktemp("release")/"cd4ml-home"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["CD4ML_HOME"] = str(home)
-    mlflow.set_tracking_uri(f"sqlite:///{home/'mlflow.db'}"); mlflow.set_registry_uri(f"sqlite:///{home/'mlflow.db'}")
-    passed = run(env)
-    failed = run(env, "-p", "release.max_p99_ms=0.001", "-p", "release.requests=40")
-    yield {"home": home, "passed": passed, "failed": failed, "client": mlflow.MlflowClient()}
-    mlflow.set_tracking_uri(""); mlflow.set_registry_uri("")
+def failed(default_run, cli):
+    "The default pipeline again in the default run's workspace, its release gated on an impossible p99: (exit code, summary, stderr on one line)."
+    r = cli(default_run.env, "run", "-p", "release.max_p99_ms=0.001", "-p", "release.requests=40", "--json")
+    return r.returncode, r.json, r.message
 
 
-def test_release_serves_the_bento_then_promotes(runs):
-    rc, out, err = runs["passed"]
-    assert rc == 0, err
+def test_release_serves_the_bento_then_promotes(default_run):
+    out, home = default_run.result, default_run.home
     assert [s["name"] for s in out["steps"]][-3:] == ["gate", "register", "release"]
     rel = out["release"]
     assert (rel["status"], rel["version"], rel["promoted"], rel["champion"]) == ("passed", "1", True, "1")
@@ -68,27 +51,27 @@ def test_release_serves_the_bento_then_promotes(runs):
           f"p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, {m['rps']:.0f} req/s")
     # after the release the version is champion; it was registered as challenger first
     assert out["registered"] == {"name": "sales", "version": "1", "aliases": ["champion"]}
-    client = runs["client"]
+    client = default_run.client
     assert {k: str(v) for k, v in client.get_registered_model("sales").aliases.items()} == {"champion": "1"}
     v1 = client.get_model_version("sales", "1")
     assert v1.tags["status"] == "champion" and [g["result"] for g in json.loads(v1.tags["release_gates"])] == ["pass"] * 5
     # the server is gone; its log is kept, also with the MLflow run; the smoke and load requests are not in the
     # workspace's prediction log, which monitoring reads
     assert bento_servers(rel["bento"]) == []
-    [log] = [p for p in (runs["home"]/"cache").glob("*/server.log") if rel["bento"] in p.read_text()]
+    [log] = [p for p in (home/"cache").glob("*/server.log") if rel["bento"] in p.read_text()]
     assert f'Starting production HTTP BentoServer from "{rel["bento"]}"' in log.read_text()
     assert "release/server.log" in {a.path for a in client.list_artifacts(out["parent_run_id"], "release")}
-    assert not (runs["home"]/"predictions").exists()
+    assert not (home/"predictions").exists()
     # the executed notebook reports the gates and the latency histogram
     report = nbformat.read(f"{out['run_dir']}/release.ipynb", as_version=4)
     outputs = [o for c in report.cells for o in c.get("outputs", [])]
     assert any("max_p99_ms" in "".join(o.get("data", {}).get("text/html", "")) for o in outputs)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
-    assert mlflow.get_run(out["parent_run_id"]).data.tags["cd4ml.release"] == "passed"
+    assert client.get_run(out["parent_run_id"]).data.tags["cd4ml.release"] == "passed"
 
 
-def test_failing_perf_gate_keeps_the_champion(runs, monkeypatch):
-    rc, out, err = runs["failed"]
+def test_failing_perf_gate_keeps_the_champion(default_run, failed, monkeypatch):
+    rc, out, err = failed
     assert rc != 0 and out is not None, err
     p99 = release_gate(out, "max_p99_ms")
     assert p99["result"] == "fail" and p99["threshold"] == 0.001 and p99["value"] > 0.001
@@ -99,14 +82,14 @@ def test_failing_perf_gate_keeps_the_champion(runs, monkeypatch):
     assert [g["result"] for g in out["gates"]] == ["pass"] * 5
     assert out["registered"] == {"name": "sales", "version": "2", "aliases": []}
     assert (out["release"]["promoted"], out["release"]["champion"], out["release"]["version_status"]) == (False, "1", "release_failed")
-    client = runs["client"]
+    client = default_run.client
     assert str(client.get_registered_model("sales").aliases["champion"]) == "1"
     assert "challenger" not in client.get_registered_model("sales").aliases
     v2 = client.get_model_version("sales", "2")
     assert v2.tags["status"] == "release_failed" and v2.tags["release_failed"].startswith("max_p99_ms: p99 ")
-    assert mlflow.get_run(out["parent_run_id"]).data.tags["cd4ml.release"] == "failed"
+    assert client.get_run(out["parent_run_id"]).data.tags["cd4ml.release"] == "failed"
     from cd4ml import registry
-    monkeypatch.setenv("CD4ML_HOME", str(runs["home"])); monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("CD4ML_HOME", str(default_run.home)); monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert [(e["action"], e["version"]) for e in registry.champion_log()] == [
         ("register", "1"), ("promote", "1"), ("register", "2"), ("release_failed", "2")]
     assert registry.champion_history() == ["1"]

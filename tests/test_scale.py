@@ -3,32 +3,24 @@
 Real CLI, real papermill kernels, a real dask LocalCluster (worker processes), on tiny simulated data split into
 3 partitions of one store each, so the family pooling really crosses partitions.
 """
-import json, os, sys
+import json
 from pathlib import Path
 
 import pytest
-from test_pipeline import cd4ml, copy_project
 
 TINY = ["-p", "stores=3", "-p", "items=10", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
         "-p", "models=moving_average,ridge", "-p", "part_rows=1000"]     # about 1000 rows per store: one store per part
-
-
-def run(spec, env, *args) -> dict:
-    r = cd4ml("run", spec, *TINY, *args, "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def metrics(result) -> dict:
     return {c["model"]: c["metrics"] for c in result["candidates"]}
 
 
-def test_dask_engine_equals_pandas(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DASK_SCHEDULER_ADDRESS")}
-    env["CD4ML_HOME"] = str(tmp_path/"home")
-    spec = copy_project(tmp_path/"project")
-    pandas_full = run(spec, env, "-p", "engine=pandas")
-    dask_full = run(spec, env, "-p", "engine=dask")
+def test_dask_engine_equals_pandas(new_workspace, cli, tiny_project):
+    env = {k: v for k, v in new_workspace("scale").env.items() if k != "DASK_SCHEDULER_ADDRESS"}   # a LocalCluster
+    spec = tiny_project()
+    pandas_full = cli.json(env, "run", spec, *TINY, "-p", "engine=pandas")
+    dask_full = cli.json(env, "run", spec, *TINY, "-p", "engine=dask")
     assert dask_full["dataset"] == pandas_full["dataset"]                  # same content, same version
     parts = sorted(p.name for p in (Path(env["CD4ML_HOME"])/"data"/dask_full["dataset"]/"sales").iterdir())
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]

@@ -19,7 +19,6 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from _stores import PASSWORDS, ROOT, accounts_server, client_env, login, sql
-from test_release import TINY
 
 CD4ML = str(Path(sys.executable).parent/"cd4ml")
 
@@ -40,6 +39,10 @@ def descendants(pid: int) -> list[int]:
     "`pid` and every process below it."
     children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t/"children").read_text().split()]
     return [pid] + [d for c in children for d in descendants(c)]
+
+
+TINY = ["-p", "stores=3", "-p", "items=10", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
+        "-p", "models=moving_average,ridge", "-j", "1"]
 
 
 @pytest.fixture(scope="module")

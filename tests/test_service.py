@@ -3,7 +3,7 @@
 One server runs the champion (v1) with the challenger (v2) in shadow *and* on a 30 % canary, so every test
 below also checks routing: each row must equal the offline prediction of the version that answered it.
 """
-import os, subprocess, sys
+import subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,15 +12,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _serving_helpers import as_json_rows, request_rows, running_server, served_registry
+from cd4ml.release import as_request
 
+ROOT = Path(__file__).resolve().parents[1]
 CANARY = 30
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(served_registry, tmp_path_factory):
     home = tmp_path_factory.mktemp("serve")/"cd4ml-home"
     with served_registry(home, env={"CD4ML_SHADOW": "1", "CD4ML_CANARY_PERCENT": str(CANARY)}) as served: yield served
+
+def request_rows(ds, n=1200, seed=1) -> pd.DataFrame:
+    "n random request rows over every store, item, forecastable day and both promotion states."
+    rng = np.random.default_rng(seed)
+    end = pd.Timestamp(ds.meta["end"])
+    stores, items = ds.table("stores").store_nbr.to_numpy(), ds.table("items").item_nbr.to_numpy()
+    return pd.DataFrame({"date": (end + pd.to_timedelta(rng.integers(1, 17, n), unit="D")).astype("datetime64[ns]"),
+                         "store_nbr": rng.choice(stores, n).astype("int64"), "item_nbr": rng.choice(items, n).astype("int64"),
+                         "onpromotion": rng.random(n) < 0.3})
 
 def offline(served, version, rows):
     "What training/evaluation code computes for `rows` with model `version`."
@@ -40,7 +49,7 @@ def test_served_equals_offline_over_1200_rows(served):
     bounds = np.cumsum([0] + sizes); assert bounds[-1] == 1200
     chunks = [rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(lambda c: post(served["base"], as_json_rows(c)), chunks))
+        responses = list(pool.map(lambda c: post(served["base"], as_request(c)), chunks))
     assert [r.status_code for r in responses] == [200] * len(chunks)
     bodies = [r.json() for r in responses]
     got = np.concatenate([b["predictions"] for b in bodies])
@@ -57,8 +66,8 @@ def test_served_equals_offline_over_1200_rows(served):
 
 def test_canary_is_sticky_per_store_item(served):
     rows = request_rows(served["dataset"], 200, seed=5)
-    first = post(served["base"], as_json_rows(rows)).json()["model_versions"]
-    again = post(served["base"], as_json_rows(rows.iloc[::-1])).json()["model_versions"]
+    first = post(served["base"], as_request(rows)).json()["model_versions"]
+    again = post(served["base"], as_request(rows.iloc[::-1])).json()["model_versions"]
     assert first == again[::-1]
     by_pair = pd.DataFrame({"pair": rows.store_nbr * 1000 + rows.item_nbr, "v": first}).groupby("pair").v.nunique()
     assert (by_pair == 1).all()
@@ -67,12 +76,12 @@ def test_embedded_predict_matches_the_service(served):
     from cd4ml import deployment
     rows = request_rows(served["dataset"], 300, seed=9)
     np.testing.assert_allclose(deployment.predict(rows), offline(served, "1", rows), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(deployment.predict(as_json_rows(rows), model_version=2), offline(served, "2", rows), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(deployment.predict(as_request(rows), model_version=2), offline(served, "2", rows), rtol=0, atol=1e-9)
 
 def test_prediction_log_has_every_request_with_shadow(served):
     from cd4ml.predlog import read_log
     rows = request_rows(served["dataset"], 25, seed=3)
-    body = post(served["base"], as_json_rows(rows)).json()
+    body = post(served["base"], as_request(rows)).json()
     logged = {r["request_id"]: r for r in read_log(served["home"]/"predictions")}
     rec = logged[body["request_id"]]
     assert rec["predictions"] == body["predictions"] and rec["model_versions"] == body["model_versions"]
@@ -88,14 +97,14 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served):
     from cd4ml.predlog import read_feedback, read_log
     base, home = served["base"], served["home"]
     rows = request_rows(served["dataset"], 300, seed=13)
-    assert post(base, as_json_rows(rows)).status_code == 200
+    assert post(base, as_request(rows)).status_code == 200
     def actuals(frame, units, promo=False):    # promo: also send the optional promotion flag
         return [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u),
                  **({"onpromotion": bool(p)} if promo else {})}
                 for d, s, i, u, p in zip(frame.date, frame.store_nbr, frame.item_nbr, units, frame.onpromotion)]
     first = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[:200], np.arange(200) % 7)}, timeout=60)
     assert first.status_code == 200, first.text
-    assert post(base, as_json_rows(rows.iloc[150:250])).status_code == 200        # asked again after their actuals
+    assert post(base, as_request(rows.iloc[150:250])).status_code == 200        # asked again after their actuals
     second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25, promo=True)}, timeout=60)
     assert second.status_code == 200, second.text                                 # 100 actuals replaced
     assert read_feedback(home/"feedback")[-1]["rows"]["onpromotion"] == rows.onpromotion.iloc[100:300].tolist()   # kept for retraining
@@ -175,19 +184,18 @@ def test_non_json_body_is_a_415(served, content_type):
     r = httpx.post(f"{served['base']}/predict", content=b'{"rows": []}', headers={"content-type": content_type}, timeout=30)
     assert r.status_code == 415 and r.json()["value"] == content_type, r.text
 
-def test_bento_build_and_serve_behave_the_same(served):
+def test_bento_build_and_serve_behave_the_same(served, running_server):
     "`cd4ml bento` (import the champion, `bentoml build`), then `bentoml serve TAG`: same answers, Dockerfile inside."
     from cd4ml.bento import build_bento
-    from _serving_helpers import BIN, ROOT
     facts = build_bento(ROOT)
     assert facts["version"] == "1" and facts["dataset_version"] == served["dataset"].version
     bento_dir = served["home"]/"bentoml"/"bentos"/"cd4ml-forecast"/facts["bento"].split(":")[1]
     assert (bento_dir/"env"/"docker"/"Dockerfile").exists() and (bento_dir/"src"/"cd4ml"/"static"/"app.js").exists()
     rows = request_rows(served["dataset"], 60, seed=21)
-    serve = lambda port: [str(BIN/"bentoml"), "serve", facts["bento"], "--host", "127.0.0.1", "--port", str(port)]
+    serve = lambda port: [str(Path(sys.executable).parent/"bentoml"), "serve", facts["bento"], "--host", "127.0.0.1", "--port", str(port)]
     with running_server(served["home"], env={"BENTOML_HOME": str(served["home"]/"bentoml")}, command=serve, timeout=240) as base:
         assert httpx.get(f"{base}/info").json()["source"] == "bento"
-        body = post(base, as_json_rows(rows)).json()
+        body = post(base, as_request(rows)).json()
         assert body["model_versions"] == ["1"] * 60
         np.testing.assert_allclose(body["predictions"], offline(served, "1", rows), rtol=0, atol=1e-9)
         assert post(base, [{"date": "2017-05-03", "store_nbr": 77, "item_nbr": 100, "onpromotion": False}]).status_code == 422

@@ -7,7 +7,7 @@ permission, exit 2, the registry exactly as before. Champion changes through the
 serialized by the advisory lock in the server's database (`CD4ML_LOCK_URI`, a role that may only connect).
 
 One cluster and one server for the module. Candidates are real sklearn models logged and gated through the server the
-way the gate and register steps do it (`test_registry.gate_and_register`); `cd4ml run` through the server, with the
+way the gate and register steps do it (`_candidates.gate_and_register`); `cd4ml run` through the server, with the
 release step, is in test_secrets.py.
 """
 import json, subprocess, sys, time
@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from _stores import CLIENT_VARS, accounts_server, client_env, sql
-from test_registry import LOOSE, gate_and_register, log_candidate, train
+from _candidates import LOOSE, gate_and_register, log_candidate, train
 from cd4ml import registry
 from cd4ml.cli import app
 from cd4ml.gates import gate_table

@@ -1,31 +1,16 @@
 """The web page in a real headless Chromium (Debian's, driven by playwright; never `playwright install`):
 choose a store and a product, a date and promotion, submit, see the predicted units and a chart;
 a bad choice shows a clear message."""
-import os, sys
+import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _serving_helpers import served_registry
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 @pytest.fixture(scope="module")
-def page_server(tmp_path_factory):
+def page_server(served_registry, tmp_path_factory):
     home = tmp_path_factory.mktemp("web")/"cd4ml-home"
     with served_registry(home) as served: yield served
-
-@pytest.fixture(scope="module")
-def browser(system_binary):
-    path = system_binary("chromium")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 def test_forecast_from_the_page(page_server, browser):
     from cd4ml import features, models

@@ -6,17 +6,14 @@ The data: the simulator's daily sales of 3 stores x 8 items summed per store-ite
 Monday. The first 60 weeks are imported; the 8 weeks after them are the actuals the shops report later.
 One workspace and one server are shared by the tests below, which run in order like a project's life.
 """
-import json, os, subprocess, sys
-from pathlib import Path
+import json
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _serving_helpers import BIN, ROOT, as_json_rows, running_server
-from test_web import CHROMIUM_ARGS
+from cd4ml.release import as_request
 
 START, WEEKS, LATER, HORIZON = pd.Timestamp("2016-01-04"), 60, 8, 8      # 2016-01-04 is a Monday
 MODELS = "models=moving_average,ridge"
@@ -32,30 +29,20 @@ def weekly_sales() -> pd.DataFrame:
                  .agg(units=("unit_sales", "sum"), promo=("onpromotion", "any")))
 
 
-def cd4ml(home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    "The installed `cd4ml` on the test workspace, from the project folder (its pipeline.yaml and bentofile.yaml)."
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([str(BIN/"cd4ml"), *args], cwd=ROOT, env={**env, "CD4ML_HOME": str(home)},
-                           capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def weekly(tmp_path_factory):
+def weekly(new_workspace, cli, running_server):
     "The weekly dataset imported and run through the default pipeline; then a `cd4ml serve` of its champion."
-    home = tmp_path_factory.mktemp("weekly")/"cd4ml-home"
+    ws = new_workspace("weekly")
     sales = weekly_sales()
     end = START + pd.Timedelta(weeks=WEEKS - 1)
-    csv = home.parent/"weekly.csv"
+    csv = ws.home.parent/"weekly.csv"
     sales[sales.week <= end].to_csv(csv, index=False, date_format="%Y-%m-%d")
-    imported = cd4ml(home, "data", "import", str(csv), "--date-col", "week", "--store-col", "store_nbr", "--item-col", "item_nbr",
-                     "--sales-col", "units", "--promo-col", "promo", "--freq", "W", "--json")
-    assert imported.returncode == 0, imported.stderr
-    dataset = json.loads(imported.stdout)
-    run = cd4ml(home, "run", "-p", f"dataset={dataset['version']}", "-p", f"horizon={HORIZON}", "-p", MODELS, "-j", "1", "--json")
-    with pytest.MonkeyPatch.context() as mp:        # in-process readers (cd4ml.predict, the registry) see the same workspace
-        mp.setenv("CD4ML_HOME", str(home)); mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        with running_server(home) as base:
-            yield {"home": home, "dataset": dataset, "end": end, "run": run, "base": base,
+    dataset = cli.json(ws.env, "data", "import", csv, "--date-col", "week", "--store-col", "store_nbr", "--item-col", "item_nbr",
+                       "--sales-col", "units", "--promo-col", "promo", "--freq", "W")
+    run = cli(ws.env, "run", "-p", f"dataset={dataset['version']}", "-p", f"horizon={HORIZON}", "-p", MODELS, "-j", "1", "--json")
+    with ws.in_process():        # in-process readers (cd4ml.predict, the registry) see the same workspace
+        with running_server(ws.home) as base:
+            yield {"home": ws.home, "env": ws.env, "dataset": dataset, "end": end, "run": run, "base": base,
                    "later": sales[sales.week > end].rename(columns={"week": "date"}).reset_index(drop=True)}
     from cd4ml import deployment
     deployment._forecasters.clear()
@@ -98,7 +85,7 @@ def test_weekly_predictions_equal_the_library(weekly):
     import cd4ml
     rows = on_grid(weekly)
     assert rows.date.nunique() == HORIZON and len(rows) > 100
-    r = httpx.post(f"{weekly['base']}/predict", json={"rows": as_json_rows(rows)}, timeout=60)
+    r = httpx.post(f"{weekly['base']}/predict", json={"rows": as_request(rows)}, timeout=60)
     assert r.status_code == 200, r.text
     got = np.asarray(r.json()["predictions"])
     np.testing.assert_allclose(got, cd4ml.predict(rows), rtol=0, atol=1e-9)
@@ -120,37 +107,31 @@ def test_off_grid_and_beyond_horizon_are_refused_by_name(weekly):
     assert r.status_code == 422 and "is not on the weekly grid (Mondays)" in r.json()["error"], r.text
 
 
-def test_page_offers_weekly_dates_only(weekly, system_binary):
-    from playwright.sync_api import sync_playwright
+def test_page_offers_weekly_dates_only(weekly, browser):
     cat = httpx.get(f"{weekly['base']}/catalog", timeout=30).json()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=system_binary("chromium"), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(weekly["base"] + "/")
-            page.wait_for_function("document.querySelectorAll('#dates option').length > 0")
-            assert "forecasts weekly (Mondays)" in page.text_content("#model")
-            assert page.eval_on_selector_all("#dates option", "os => os.map(o => o.value)") == cat["dates"]
-            assert [page.get_attribute("#date", a) for a in ("min", "max", "step")] == [cat["first_date"], cat["last_date"], "7"]
-            store, item = page.eval_on_selector_all("#stores option", "os => os.map(o => o.value)")[0], \
-                          page.eval_on_selector_all("#items option", "os => os.map(o => o.value)")[0]
-            page.fill("#store", store); page.fill("#item", item)
-            tuesday = str((pd.Timestamp(cat["dates"][0]) + pd.Timedelta(days=1)).date())
-            page.fill("#date", tuesday)
-            assert page.eval_on_selector("#date", "d => d.validity.stepMismatch")       # the browser itself says: not on the grid
-            page.click("#go")
-            assert (f'Date "{tuesday}" is not a forecast day: the model forecasts weekly (Mondays); next: {cat["dates"][1]}.'
-                    in page.text_content("#message")) and page.is_hidden("#answer")
-            page.fill("#date", cat["dates"][2]); page.click("#go")
-            page.wait_for_selector("#chart rect.target")
-            assert float(page.text_content("#units")) >= 0 and page.is_hidden("#message")
-            bars = page.eval_on_selector_all("#chart rect.forecast, #chart rect.target", "rs => rs.map(r => r.dataset.date)")
-            assert bars == cat["dates"] and page.get_attribute("#chart rect.target", "data-date") == cat["dates"][2]
-            assert not errors
-        finally:
-            browser.close()
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(weekly["base"] + "/")
+    page.wait_for_function("document.querySelectorAll('#dates option').length > 0")
+    assert "forecasts weekly (Mondays)" in page.text_content("#model")
+    assert page.eval_on_selector_all("#dates option", "os => os.map(o => o.value)") == cat["dates"]
+    assert [page.get_attribute("#date", a) for a in ("min", "max", "step")] == [cat["first_date"], cat["last_date"], "7"]
+    store, item = page.eval_on_selector_all("#stores option", "os => os.map(o => o.value)")[0], \
+                  page.eval_on_selector_all("#items option", "os => os.map(o => o.value)")[0]
+    page.fill("#store", store); page.fill("#item", item)
+    tuesday = str((pd.Timestamp(cat["dates"][0]) + pd.Timedelta(days=1)).date())
+    page.fill("#date", tuesday)
+    assert page.eval_on_selector("#date", "d => d.validity.stepMismatch")       # the browser itself says: not on the grid
+    page.click("#go")
+    assert (f'Date "{tuesday}" is not a forecast day: the model forecasts weekly (Mondays); next: {cat["dates"][1]}.'
+            in page.text_content("#message")) and page.is_hidden("#answer")
+    page.fill("#date", cat["dates"][2]); page.click("#go")
+    page.wait_for_selector("#chart rect.target")
+    assert float(page.text_content("#units")) >= 0 and page.is_hidden("#message")
+    bars = page.eval_on_selector_all("#chart rect.forecast, #chart rect.target", "rs => rs.map(r => r.dataset.date)")
+    assert bars == cat["dates"] and page.get_attribute("#chart rect.target", "data-date") == cat["dates"][2]
+    assert not errors
 
 
 def actuals(rows: pd.DataFrame, units) -> list[dict]:
@@ -158,7 +139,7 @@ def actuals(rows: pd.DataFrame, units) -> list[dict]:
             for d, s, i, u, p in zip(rows.date, rows.store_nbr, rows.item_nbr, units, rows.onpromotion)]
 
 
-def test_feedback_on_weekly_dates_shows_in_monitor(weekly):
+def test_feedback_on_weekly_dates_shows_in_monitor(weekly, cli):
     from cd4ml.metrics import nwrmsle, perishable_weight
     from cd4ml.datasets import load_dataset
     rows = on_grid(weekly)
@@ -167,7 +148,7 @@ def test_feedback_on_weekly_dates_shows_in_monitor(weekly):
     r = httpx.post(f"{weekly['base']}/feedback", json={"rows": actuals(reported, reported.units)}, timeout=60)
     assert r.status_code == 200, r.text
     live = r.json()["live"]["1"]
-    m = cd4ml(weekly["home"], "monitor", "--json")
+    m = cli(weekly["env"], "monitor", "--json")
     assert m.returncode in (0, 1) and m.stdout.startswith("{"), m.stderr[-3000:]
     report = json.loads(m.stdout)
     assert (report["champion"], report["horizon"], report["feedback_rows"]) == ("1", HORIZON, len(rows))
@@ -181,14 +162,14 @@ def test_feedback_on_weekly_dates_shows_in_monitor(weekly):
     assert report["live"]["1"]["nwrmsle"] == pytest.approx(expected, rel=1e-9) == pytest.approx(live["nwrmsle"], rel=1e-9)
 
 
-def test_retrain_grows_the_weekly_dataset(weekly):
+def test_retrain_grows_the_weekly_dataset(weekly, cli):
     "Demand triples in the reported weeks: monitoring alerts, and --retrain trains, releases and promotes a weekly model for 8 weeks."
     from cd4ml import registry
     rows = on_grid(weekly)
     reported = rows.merge(weekly["later"].rename(columns={"promo": "onpromotion"}), on=["date", "store_nbr", "item_nbr", "onpromotion"])
     r = httpx.post(f"{weekly['base']}/feedback", json={"rows": actuals(reported, reported.units * 3)}, timeout=60)
     assert r.status_code == 200, r.text
-    m = cd4ml(weekly["home"], "monitor", "--retrain", "-p", MODELS, "--json")
+    m = cli(weekly["env"], "monitor", "--retrain", "-p", MODELS, "--json")
     assert m.returncode == 1 and m.stdout.startswith("{"), m.stderr[-3000:]
     report = json.loads(m.stdout)
     assert "accuracy" in {a["kind"] for a in report["alerts"]} and report["retrain"], report["alerts"]

@@ -5,7 +5,7 @@ tiny simulated data in a temp workspace; `cd4ml models list|rollback` on the sam
 The tests run in order and share one workspace, like a project's life: the first run registers version 1 as champion,
 failing gates change nothing, a second passing run on new data is compared with that champion, rollback restores it.
 """
-import json, os, re
+import json, re
 from pathlib import Path
 
 import mlflow
@@ -14,13 +14,24 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from test_pipeline import TINY, cd4ml, cli_workspace, copy_project
+TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
+        "-p", "models.random_forest.n_estimators=10", "-p", "models.hist_gbr.max_iter=30"]
 
 
-def run(spec, *args, env=None):
-    "`cd4ml run --json` on tiny data, the Bento release skipped (see test_release.py): (exit code, parsed stdout or None, stderr on one line)."
-    r = cd4ml("run", spec, *TINY, "-p", "release.bento=false", *args, "--json", env=env)
-    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None), " ".join(r.stderr.split())
+@pytest.fixture(scope="module")
+def env(new_workspace):
+    "The module's workspace, for the CLI; this process's MLflow calls (`mlflow.get_run`, ...) read its store too."
+    with new_workspace("gates").in_process() as ws: yield ws.env
+
+
+@pytest.fixture(scope="module")
+def run(cli, env):
+    """`run(spec, *args)`: `cd4ml run --json` on tiny data, the Bento release skipped (the release: test_release.py):
+    (exit code, parsed stdout or None, stderr on one line)."""
+    def run(spec, *args):
+        r = cli(env, "run", spec, *TINY, "-p", "release.bento=false", *args, "--json")
+        return r.returncode, r.json, r.message
+    return run
 
 
 def gate(result, name) -> dict:
@@ -28,13 +39,8 @@ def gate(result, name) -> dict:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    with cli_workspace(tmp_path_factory.mktemp("gates")/"cd4ml-home") as e: yield e
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return copy_project(tmp_path_factory.mktemp("project"), gates=True)
+def project(tiny_project):
+    return tiny_project(registry_steps=True)
 
 
 @pytest.fixture
@@ -70,9 +76,9 @@ def test_unknown_acceptance_key_fails_before_running(env, project, tmp_path, mon
 
 
 @pytest.fixture(scope="module")
-def first(env, project):
+def first(run, project):
     "The default pipeline on a fresh workspace: it must end with a registered champion."
-    rc, out, err = run(project, env=env)
+    rc, out, err = run(project)
     assert rc == 0, err
     return out
 
@@ -114,8 +120,8 @@ def test_first_run_registers_champion(first, env, models):
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
 
 
-def test_no_change_rerun_registers_nothing(first, env, project, models):
-    rc, out, err = run(project, env=env)
+def test_no_change_rerun_registers_nothing(first, run, project, models):
+    rc, out, err = run(project)
     assert rc == 0 and out["up_to_date"] and out["registered"] == first["registered"], err
     assert [v["version"] for v in models("list")] == ["1"]
 
@@ -124,8 +130,8 @@ def test_no_change_rerun_registers_nothing(first, env, project, models):
     ("acceptance.max_nwrmsle=0.3", "max_nwrmsle"),
     ("acceptance.max_segment_ratio=1.01", "max_segment_ratio"),
 ])
-def test_failing_gate_rejects_and_keeps_champion(first, env, project, models, override, failing):
-    rc, out, err = run(project, "-p", override, env=env)
+def test_failing_gate_rejects_and_keeps_champion(first, run, project, models, override, failing):
+    rc, out, err = run(project, "-p", override)
     assert rc != 0
     assert [g["gate"] for g in out["gates"] if g["result"] == "fail"] == [failing]
     assert out["registered"] is None and out["release"]["status"] == "nothing_registered"
@@ -141,8 +147,8 @@ def test_failing_gate_rejects_and_keeps_champion(first, env, project, models, ov
     assert gate(out, "max_regression_vs_champion")["value"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_second_run_is_compared_with_champion_then_rollback(first, env, project, models):
-    rc, out, err = run(project, "-p", "seed=1", env=env)
+def test_second_run_is_compared_with_champion_then_rollback(first, run, project, models):
+    rc, out, err = run(project, "-p", "seed=1")
     assert rc == 0, err
     assert out["dataset"] != first["dataset"] and out["gated"]["champion"] == "1"
     reg = gate(out, "max_regression_vs_champion")

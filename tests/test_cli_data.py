@@ -1,7 +1,7 @@
 """End-to-end tests of `cd4ml data ...`: the real CLI app (typer's CliRunner, plus one run of the installed
 `cd4ml` entry point), real files, a temp CD4ML_HOME. Every bad input must exit non-zero, name the
 file/line/column/value, and leave nothing behind."""
-import json, os, subprocess, sys
+import json, os
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from cd4ml.cli import app
 from cd4ml.datasets import load_dataset
 
-BIN = Path(sys.executable).parent/"cd4ml"
 TRAIN_HEAD = "id,date,store_nbr,item_nbr,unit_sales,onpromotion\n"
 
 
@@ -68,16 +67,14 @@ def test_favorita_import_twice_is_one_version(workspace, tmp_path):
     assert ds.table("oil").dcoilwtico.isna().tolist() == [False, True]
 
 
-def test_real_entry_point(workspace, tmp_path):
+def test_real_entry_point(workspace, cli, tmp_path):
     "The installed `cd4ml` script, as a user runs it."
     fav = favorita(tmp_path/"fav", days=7)
-    env = {**os.environ, "CD4ML_HOME": str(workspace)}
-    r = subprocess.run([BIN, "data", "import", fav, "--json"], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    version = json.loads(r.stdout)["version"]
-    r = subprocess.run([BIN, "data", "list"], capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=120)
+    env = dict(os.environ)                      # CD4ML_HOME: the workspace
+    version = cli.json(env, "data", "import", fav, timeout=120)["version"]
+    r = cli({**env, "COLUMNS": "200"}, "data", "list", timeout=120)
     assert r.returncode == 0 and version in r.stdout
-    r = subprocess.run([BIN, "data", "import", tmp_path/"missing"], capture_output=True, text=True, env=env, timeout=120)
+    r = cli(env, "data", "import", tmp_path/"missing", timeout=120)
     assert r.returncode == 2 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
 
 

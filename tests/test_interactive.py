@@ -1,12 +1,12 @@
 """Step notebooks run by hand, as a data scientist runs them in JupyterLab: bound to the last `cd4ml run`.
 
-One run of the default pipeline.yaml on tiny data, release step on (as `make pipeline` runs it), in a temp workspace.
-Then each step notebook is executed with papermill and no parameters, from the project folder: it must write what
+The run is a new user's first (conftest's `first_run`): order lines imported, then the default pipeline.yaml on them,
+release step on, as `make pipeline` runs it. Then each step notebook is executed with papermill and no parameters, from the project folder: it must write what
 the pipeline wrote, into a scratch folder (never the cache), and the steps that write the registry (gate, register,
 release) must run dry and leave the registry and MLflow as they were. `cd4ml nb` copies run the same way. A real
 JupyterLab started by `make lab` serves the step notebooks, and its kernel runs one bound to the run.
 """
-import asyncio, json, os, pickle, re, shutil, signal, socket, subprocess, sys, time, uuid
+import asyncio, json, os, pickle, re, signal, subprocess, time, uuid
 from pathlib import Path
 
 import httpx
@@ -19,35 +19,19 @@ import yaml
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
-CD4ML = str(Path(sys.executable).parent/"cd4ml")
-TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "models=moving_average,ridge"]
 STEPS = ["data", "validate", "features", "train", "evaluate", "gate", "register", "release"]
 DRY = {"gate", "register", "release"}           # they write the registry or MLflow under `cd4ml run`
 
 
-def cd4ml(env, *args, cwd=ROOT):
-    r = subprocess.run([CD4ML, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
-def run_json(env, *args, cwd=ROOT) -> dict:
-    return json.loads(cd4ml(env, "run", *args, *TINY, "--json", cwd=cwd))
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    "The default pipeline run once, as `make pipeline` runs it; this process's environment points at its workspace."
-    home = tmp_path_factory.mktemp("interactive")/"cd4ml-home"
-    saved = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ.pop("MLFLOW_TRACKING_URI", None); os.environ["CD4ML_HOME"] = str(home)   # the kernels papermill starts inherit it
-    result = run_json(dict(os.environ))
-    executions = {e["name"]: e for e in json.loads((home/"runs"/result["parent_run_id"]/"steps.json").read_text())}
-    yield {"home": home, "env": dict(os.environ), "result": result, "executions": executions,
-           "client": MlflowClient(f"sqlite:///{home/'mlflow.db'}", f"sqlite:///{home/'mlflow.db'}")}
-    for k, v in saved.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+def run(first_run):
+    "The first run, as `make pipeline` runs it; this process (and the kernels papermill starts) on its workspace."
+    assert first_run.ran.returncode == 0, first_run.ran.stderr[-3000:]
+    result, ws = first_run.ran.json, first_run.workspace
+    with ws.in_process():
+        executions = {e["name"]: e for e in json.loads((ws.home/"runs"/result["parent_run_id"]/"steps.json").read_text())}
+        yield {"home": ws.home, "env": ws.env, "args": first_run.args, "result": result, "executions": executions,
+               "client": ws.client()}
 
 
 def registry_state(client: MlflowClient) -> dict:
@@ -156,10 +140,10 @@ def test_registry_steps_run_dry(run, by_hand):
     assert released["verdict"].startswith("dry run: would build the Bento of sales version 1, serve it") and released["verdict"] in stdout(by_hand["executed"]["release"])
 
 
-def test_cd4ml_nb_writes_a_bound_copy(run, tmp_path):
+def test_cd4ml_nb_writes_a_bound_copy(run, cli, tmp_path):
     "`cd4ml nb STEP --run RUN_ID` writes a copy with the run's parameters injected; run anywhere with no parameters, it redoes the step."
     run_id, home = run["result"]["parent_run_id"], run["home"]
-    facts = json.loads(cd4ml(run["env"], "nb", "evaluate", "--run", run_id[:8], "--out", tmp_path/"evaluate.ipynb", "--json"))
+    facts = cli.json(run["env"], "nb", "evaluate", "--run", run_id[:8], "--out", tmp_path/"evaluate.ipynb")
     assert facts == {"notebook": str(tmp_path/"evaluate.ipynb"), "run": run_id, "execution": "evaluate",
                      "outputs": str(home/"scratch"/run_id/"evaluate"), "dry run": False}
     copy = nbformat.read(str(tmp_path/"evaluate.ipynb"), as_version=4)
@@ -170,31 +154,27 @@ def test_cd4ml_nb_writes_a_bound_copy(run, tmp_path):
     assert note(executed) == ""                                   # bound already: bind() leaves the injected values
     for f in outputs("evaluate"):
         assert_same_output(home/"scratch"/run_id/"evaluate"/f, home/"cache"/run["executions"]["evaluate"]["key"]/f)
-    human = cd4ml(run["env"], "nb", "register", "--out", tmp_path/"register.ipynb")
-    assert human.strip().splitlines()[-1] == str(tmp_path/"register.ipynb")
+    human = cli(run["env"], "nb", "register", "--out", tmp_path/"register.ipynb")
+    assert human.returncode == 0 and human.stdout.strip().splitlines()[-1] == str(tmp_path/"register.ipynb"), human.stderr
     injected = next(c for c in nbformat.read(str(tmp_path/"register.ipynb"), as_version=4).cells if "injected-parameters" in c.metadata.get("tags", []))
     assert "dry_run = True" in injected.source
 
 
-def test_no_run_yet_says_run_the_pipeline_first(tmp_path, monkeypatch):
-    monkeypatch.setenv("CD4ML_HOME", str(tmp_path/"empty"))
-    r = subprocess.run([CD4ML, "nb", "train"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "run `make pipeline` (or `cd4ml run`) first" in " ".join(r.stderr.split()), r.stderr
+def test_no_run_yet_says_run_the_pipeline_first(workspace, cli, tmp_path):
+    "No run in the workspace yet: `cd4ml nb` and a step notebook run by hand both say what to do first."
+    r = cli(dict(os.environ), "nb", "train", timeout=120)
+    assert r.returncode == 2 and "run `make pipeline` (or `cd4ml run`) first" in r.message, r.stderr
     with pytest.raises(pm.PapermillExecutionError, match="make pipeline"):
         execute(ROOT/"nbs"/"steps"/"validate.ipynb", tmp_path/"validate.ipynb")
 
 
-def test_edited_step_reruns_with_what_depends_on_it(run, by_hand, tmp_path):
+def test_edited_step_reruns_with_what_depends_on_it(run, by_hand, cli, tiny_project):
     """A step notebook run by hand and saved (outputs, papermill metadata) reruns nothing. An edited cell reruns its
     step, and the steps that read it when its outputs changed: the cache is keyed by the content of the inputs.
     (Gate, register and release always run, `cache: false`: the copy of the spec leaves them out.)"""
-    (tmp_path/"nbs").mkdir()
-    shutil.copytree(ROOT/"nbs"/"steps", tmp_path/"nbs"/"steps")
-    spec = yaml.safe_load((ROOT/"pipeline.yaml").read_text())
-    spec["steps"] = [s for s in spec["steps"] if s.get("cache", True)]
-    (tmp_path/"pipeline.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    features = tmp_path/"nbs"/"steps"/"features.ipynb"
-    def rerun(): return {s["name"]: not s["cached"] for s in run_json(run["env"], tmp_path/"pipeline.yaml")["steps"]}
+    spec = tiny_project()
+    features = spec.parent/"nbs"/"steps"/"features.ipynb"
+    def rerun(): return {s["name"]: not s["cached"] for s in cli.json(run["env"], "run", spec, *run["args"])["steps"]}
     nbformat.write(by_hand["executed"]["features"], str(features))         # as saved from JupyterLab after Run All
     assert not any(rerun().values())
     nb = nbformat.read(str(features), as_version=4)
@@ -204,11 +184,6 @@ def test_edited_step_reruns_with_what_depends_on_it(run, by_hand, tmp_path):
     nb.cells.append(nbformat.v4.new_code_cell('pd.read_parquet(f"{output_dir}/train.parquet").iloc[:-1].to_parquet(f"{output_dir}/train.parquet", index=False)'))
     nbformat.write(nb, str(features))
     assert rerun() == {"data": False, "validate": False, "features": True, "train:moving_average": True, "train:ridge": True, "evaluate": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
 async def run_in_kernel(base: str, token: str, kernel_id: str, cells: list[str]) -> list[dict]:
@@ -232,11 +207,12 @@ async def run_in_kernel(base: str, token: str, kernel_id: str, cells: list[str])
     return replies
 
 
-def test_make_lab_serves_and_runs_step_notebooks(run, tmp_path):
+def test_make_lab_serves_and_runs_step_notebooks(run, free_port, tmp_path):
     "`make lab` (as root here, as in most containers) serves the step notebooks, and one runs in its kernel, bound to the run."
     port, token = free_port(), uuid.uuid4().hex
     env = {**run["env"], "PORT": str(port), "JUPYTER_TOKEN": token}
     log = open(tmp_path/"lab.log", "wb")
+    started = time.time()
     lab = subprocess.Popen(["make", "lab"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"token {token}"}
     try:
@@ -256,8 +232,10 @@ def test_make_lab_serves_and_runs_step_notebooks(run, tmp_path):
         replies = asyncio.run(run_in_kernel(base, token, session["kernel"]["id"], cells))
         assert [r["status"] for r in replies] == ["ok"] * len(cells), replies[-1]
         httpx.delete(f"{base}/api/sessions/{session['id']}", headers=auth, timeout=30)
-        run_id, key = run["result"]["parent_run_id"], run["executions"]["validate"]["key"]
-        assert_same_output(run["home"]/"scratch"/run_id/"validate"/"validation.json", run["home"]/"cache"/key/"validation.json")
+        # what the lab's kernel wrote, bound to the latest run that ran validate (every run here found it cached)
+        [written] = [p for p in (run["home"]/"scratch").glob("*/validate/validation.json") if p.stat().st_mtime > started]
+        key = run["executions"]["validate"]["key"]
+        assert_same_output(written, run["home"]/"cache"/key/"validation.json")
     finally:
         os.killpg(lab.pid, signal.SIGTERM)
         try: lab.wait(30)
