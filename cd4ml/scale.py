@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from .core import Cd4mlError, hash_frame, write_json
 from .datasets import TABLES, Dataset, data_root, load_dataset, normalize, version_of_hashes
 from .features import (family_weekday_partial, freq_of, lookback_start, origin_stats, period_of, pool_family_weekday,
-                            repooled_family, series_key, training_rows)
+                            repooled_family, series_key, training_frame, training_rows)
 
 # %% auto #0
 __all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'ENGINES', 'stores_per_part', 'part_of',
