@@ -295,8 +295,8 @@ def shared_parts(ds: Dataset,             # a partitioned dataset
 @contextlib.contextmanager
 def shared_scratch(root: str | None = None, # the shared location (default `shared_url()`)
                   ):
-    "Yield the URL of a new folder under `root/scratch/`; it is deleted, with everything in it, at the end of the block."
-    url = f"{root or shared_url()}/scratch/{uuid.uuid4().hex[:12]}"
+    "Yield the URL of a new folder under `root/tmp/`; it is deleted, with everything in it, at the end of the block."
+    url = f"{root or shared_url()}/tmp/{uuid.uuid4().hex[:12]}"
     fs, path = url_fs(url)
     fs.makedirs(path, exist_ok=True)
     try: yield url

@@ -105,7 +105,7 @@ def test_dask_engine_on_a_separate_cluster(cluster, tmp_path):
     assert len({k for keys in computed.values() for k in keys}) == 2 * PARTS
     staged = shared/"data"/result["dataset"]
     assert sorted(p.name for p in (staged/"sales").iterdir()) == [f"part-{i:05d}.parquet" for i in range(PARTS)]
-    assert (staged/"parts.json").exists() and list((shared/"scratch").iterdir()) == []   # scratch files deleted
+    assert (staged/"parts.json").exists() and list((shared/"tmp").iterdir()) == []   # scratch files deleted
     assert not (cluster.base/"worker-a"/".cd4ml").exists()                 # workspace() in a task would create it
     assert list((cluster.base/"worker-b-home").iterdir()) == []
 
