@@ -17,9 +17,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 CD4ML = str(Path(sys.executable).parent/"cd4ml")
-# Measured at medium (20.8 M rows, 35,100 series; -j 2, a 25 % sample): 4.5 min, peak 5.7 GB, while ridge and hist_gbr
-# trained side by side; each train step holds its training rows (1.1 M) and the validation rows (1.1 M, never sampled).
-# Favorita has 6.2x the rows and series, so both frames grow 6x: hence one candidate at a time and a 10 % sample.
+# Measured at medium (20.8 M rows, 35,100 series) with -j 2 and a 25 % sample: 4.5 min, peak 5.7 GB while ridge and
+# hist_gbr trained side by side, each holding its training rows (1.1 M) and the validation rows (1.1 M, never sampled).
+# Favorita has 6.2x the rows and series, so both frames grow 6x: hence one candidate at a time and a 10 % sample
+# (at medium: 1.8 min, peak 4.5 GB, in the release step; the best NWRMSLE 0.6624 against 0.6617 with 25 %).
 RUN_PARAMS = [   # why each one, at 125 M rows (about 220,000 series)
     "engine=dask",                 # validate and features part by part; the pandas engine would hold whole tables
     "training.mode=sample",        # every training row: ~28 M rows x 47 columns (10 GB); a tenth of the series:
