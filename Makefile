@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export CD4ML_HOME ?= $(CURDIR)/.cd4ml
 
-.PHONY: help install system-deps pipeline test nbtest pytest lab ui serve bento tracking-server export clean-nbs readme check-sync bench bench-scale clean
+.PHONY: help install system-deps pipeline pipeline-favorita test nbtest pytest lab ui serve bento tracking-server export clean-nbs readme check-sync bench bench-scale clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -31,6 +31,10 @@ system-deps: ## apt packages the browser and PostgreSQL tests need (chromium, po
 
 pipeline: install ## run the whole default pipeline on generated data
 	$(BIN)/cd4ml run
+
+PRESET ?= favorita
+pipeline-favorita: install ## opt-in, not in CI: the pipeline on the dask engine at Favorita's size, ~125 M rows (PRESET=medium: ~20 M); time and peak RSS
+	$(BIN)/python scripts/pipeline_preset.py $(PRESET)
 
 test: install nbtest pytest ## nbdev_test (notebook tests) + pytest (integration, end-to-end)
 
@@ -71,7 +75,7 @@ check-sync: install ## fail if cd4ml/ or README.md are out of sync with nbs/, or
 bench: install ## benchmarks: simulator speed/memory, pipeline overhead and cache ratios
 	@for b in bench/bench_*.py; do [ $$b = bench/bench_scale.py ] && continue; echo "== $$b"; $(BIN)/python $$b || exit $$?; done
 
-bench-scale: install ## pandas vs dask engine at 1 M / 5 M / 20 M rows: time and peak RSS per step, plot, crossover (CD4ML_BENCH_ROWS=1e6,5e6 to choose; ~1 h)
+bench-scale: install ## pandas vs dask engine at 1 M / 20 M rows (CD4ML_BENCH_SIZES=1M,20M,125M adds Favorita's size): time and peak RSS per step, table, plot
 	$(BIN)/python bench/bench_scale.py
 
 clean: ## delete the workspace (.cd4ml)

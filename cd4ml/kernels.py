@@ -29,10 +29,13 @@ def write_notebook(path: Path | str, # where to write it
     return Path(path)
 
 # %% ../nbs/22_kernels.ipynb #f69c5ae9
-_RESET = """get_ipython().run_line_magic('reset', '-f')
-import sys as _sys
+_RESET = """import sys as _sys
 if 'matplotlib.pyplot' in _sys.modules: _sys.modules['matplotlib.pyplot'].close('all')
 del _sys
+get_ipython().run_line_magic('reset', '-f')
+import gc as _gc
+_gc.freeze()
+del _gc
 get_ipython().execution_count = 1"""
 WARM_UP = "import numpy, pandas, sklearn, matplotlib.pyplot, cd4ml.core"   # what every step needs: loaded while
                                                                           # the parent sets up MLflow

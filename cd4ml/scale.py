@@ -9,21 +9,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .core import Cd4mlError, hash_frame, write_json
+from .core import Cd4mlError, hash_frame, home, write_json
 from .datasets import TABLES, Dataset, data_root, load_dataset, normalize, version_of_hashes
 from .features import (family_weekday_partial, freq_of, lookback_start, origin_stats, period_of, pool_family_weekday,
                             repooled_family, series_key, training_frame, training_rows)
 
 # %% auto #0
-__all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'ENGINES', 'stores_per_part', 'part_of',
+__all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'SHARED_URL', 'ENGINES', 'stores_per_part', 'part_of',
            'write_first_sales', 'first_sales', 'generate_partitioned', 'partition_dataset', 'daily_units',
-           'training_config', 'in_sample', 'sampled', 'dask_client', 'write_training_frame', 'check_engine',
-           'write_training_frames']
+           'training_config', 'in_sample', 'sampled', 'dask_client', 'shared_url', 'url_fs', 'local_folder',
+           'shared_parts', 'shared_scratch', 'write_training_frame', 'check_engine', 'write_training_frames']
 
 # %% ../nbs/13_scale.ipynb #4bd2e5e4
 PARTITIONED = ("sales", "truth")   # the tables stored as parts; the others are small and broadcast
@@ -91,9 +92,9 @@ def write_first_sales(folder: Path):
         if not (folder/FIRST_SALE).exists(): tmp.rename(folder/FIRST_SALE)   # else another process just did: the same content
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
-def first_sales(path: Path) -> pd.Series:
-    "A part's first sales as series key -> date (see `cd4ml.features.history`)."
-    first = pd.read_parquet(path)
+def first_sales(url: str | Path) -> pd.Series:
+    "A part's first sales (a path or an fsspec URL) as series key -> date (see `cd4ml.features.history`)."
+    first = pd.read_parquet(url)
     return pd.Series(first.date.to_numpy(), index=series_key(first.store_nbr, first.item_nbr))
 
 # %% ../nbs/13_scale.ipynb #856e5d17
@@ -244,30 +245,25 @@ def dask_client(workers: int | None = None,        # local workers (default `CD4
          Client(cluster) as client:
         yield client
 
-# %% ../nbs/13_scale.ipynb #85b104f1
-def _small_tables(ds: Dataset) -> dict:
-    "The tables every task needs whole (broadcast to the workers), plus the frequency."
-    small = {t: ds.table(t) for t in TABLES if t not in PARTITIONED and t != "keys" and t in ds}
-    return {**small, "meta": {"freq": freq_of(ds)}}
+# %% ../nbs/13_scale.ipynb #493c2786
+SHARED_URL = "CD4ML_SHARED_URL"   # environment variable: where dask workers read parts and write scratch files
 
-def _part_window(small: dict, sales: Path, truth: Path | None, origins: list, horizon: int) -> dict:
-    "One part's tables in the window its origins read: sales from the lookback start to the last target, truth of the targets."
-    step = period_of(small["meta"]["freq"])
-    start, last = lookback_start(origins[0], step), origins[-1] + step * horizon
-    out = {**small, "sales": pd.read_parquet(sales, filters=[("date", ">=", start), ("date", "<=", last)])}
-    if truth is not None: out["truth"] = pd.read_parquet(truth, filters=[("date", ">", origins[0]), ("date", "<=", last)])
-    return out
+def shared_url() -> str:
+    "The shared location: `$CD4ML_SHARED_URL` (an fsspec URL, or a path made absolute), default the workspace folder."
+    url = os.environ.get(SHARED_URL) or str(home())
+    return url.rstrip("/") if "://" in url else str(Path(url).expanduser().absolute())
 
-def _part_frame(small, sales, truth, first, origins, horizon, training, path) -> dict:
-    "Write one part's training rows (one row group per origin) to `path`; its family sums per origin."
-    prep = origin_stats(_part_window(small, sales, truth, origins, horizon), origins, first_sales(first))
-    frame = sampled(training_rows(prep, horizon), training)
-    schema = pa.Schema.from_pandas(frame, preserve_index=False)
-    with pq.ParquetWriter(path, schema) as writer:
-        for _, rows in frame.groupby("origin", sort=True):
-            writer.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False))
-    return family_weekday_partial(prep)
+def url_fs(url: str) -> tuple:
+    "The fsspec file system of `url` and the path on it; a one-line error if `url`'s protocol is unknown or not installed."
+    try: return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e: raise Cd4mlError(f"{SHARED_URL} or URL {url!r}: {e}") from None
 
+def local_folder(url: str) -> Path | None:
+    "The local folder `url` names (a path or a `file://` URL); None for any other file system."
+    fs, path = url_fs(url)
+    return Path(path).resolve() if isinstance(fs, fsspec.implementations.local.LocalFileSystem) else None
+
+# %% ../nbs/13_scale.ipynb #05ae0859
 def _part_files(ds: Dataset) -> list[tuple]:
     "(sales, truth or None, first sales) per part; the first sales are written first if the dataset predates them."
     parts = ds.parts("sales")
@@ -278,6 +274,59 @@ def _part_files(ds: Dataset) -> list[tuple]:
         raise Cd4mlError(f"dataset {ds.version}: {len(parts)} sales parts but {len(truths)} truth and {len(firsts)} first-sale parts")
     return list(zip(parts, truths, firsts))
 
+def shared_parts(ds: Dataset,             # a partitioned dataset
+                 root: str | None = None, # the shared location (default `shared_url()`)
+                ) -> list[tuple]:
+    "`_part_files(ds)` as URLs every worker can open: the files themselves if under `root`, else copies in `root/data/<version>/`."
+    files, root = _part_files(ds), root or shared_url()
+    local = local_folder(root)
+    if local is not None and ds.path.resolve().is_relative_to(local):
+        return [tuple(p if p is None else str(p.resolve()) for p in f) for f in files]
+    base = f"{root}/data/{ds.version}"
+    names = [tuple(p if p is None else f"{p.parent.name}/{p.name}" for p in f) for f in files]
+    fs, path = url_fs(base)
+    if not fs.exists(f"{path}/parts.json"):                  # written last: a complete copy (of immutable content)
+        for p in (p for f in files for p in f if p is not None):
+            fs.makedirs(f"{path}/{p.parent.name}", exist_ok=True)
+            fs.put_file(str(p), f"{path}/{p.parent.name}/{p.name}")
+        with fs.open(f"{path}/parts.json", "w") as out: json.dump(names, out)
+    return [tuple(n if n is None else f"{base}/{n}" for n in f) for f in names]
+
+@contextlib.contextmanager
+def shared_scratch(root: str | None = None, # the shared location (default `shared_url()`)
+                  ):
+    "Yield the URL of a new folder under `root/tmp/`; it is deleted, with everything in it, at the end of the block."
+    url = f"{root or shared_url()}/tmp/{uuid.uuid4().hex[:12]}"
+    fs, path = url_fs(url)
+    fs.makedirs(path, exist_ok=True)
+    try: yield url
+    finally:
+        with contextlib.suppress(FileNotFoundError): fs.rm(path, recursive=True)
+
+# %% ../nbs/13_scale.ipynb #85b104f1
+def _small_tables(ds: Dataset) -> dict:
+    "The tables every task needs whole (broadcast to the workers), plus the frequency."
+    small = {t: ds.table(t) for t in TABLES if t not in PARTITIONED and t != "keys" and t in ds}
+    return {**small, "meta": {"freq": freq_of(ds)}}
+
+def _part_window(small: dict, sales: str, truth: str | None, origins: list, horizon: int) -> dict:
+    "One part's tables in the window its origins read: sales from the lookback start to the last target, truth of the targets."
+    step = period_of(small["meta"]["freq"])
+    start, last = lookback_start(origins[0], step), origins[-1] + step * horizon
+    out = {**small, "sales": pd.read_parquet(sales, filters=[("date", ">=", start), ("date", "<=", last)])}
+    if truth is not None: out["truth"] = pd.read_parquet(truth, filters=[("date", ">", origins[0]), ("date", "<=", last)])
+    return out
+
+def _part_frame(small, sales, truth, first, origins, horizon, training, url) -> dict:
+    "Write one part's training rows (one row group per origin) to `url`; its family sums per origin. Runs on a worker."
+    prep = origin_stats(_part_window(small, sales, truth, origins, horizon), origins, first_sales(first))
+    frame = sampled(training_rows(prep, horizon), training)
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    with fsspec.open(url, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        for _, rows in frame.groupby("origin", sort=True):
+            writer.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False))
+    return family_weekday_partial(prep)
+
 def write_training_frame(ds: Dataset,            # a partitioned dataset (see `partition_dataset`)
                          origins: list,          # forecast origins
                          horizon: int,           # periods ahead
@@ -286,30 +335,27 @@ def write_training_frame(ds: Dataset,            # a partitioned dataset (see `p
                          training: dict | None = None, # `training_config(...)`: sample the series, or None/full: all rows
                         ) -> int:
     "Write `training_frame(ds, origins, horizon)` (sampled per `training`) to `path`, computed on `client` part by part; its row count."
-    files = _part_files(ds)
+    files = shared_parts(ds)
     small = client.scatter([_small_tables(ds)], broadcast=True, hash=False)[0]   # a new key per call: a content key would be
                                                                                   # shared with (and released by) a previous call
     origins = sorted({pd.Timestamp(o) for o in origins})
-    path = Path(path)
-    scratch = path.parent/f".{path.name}.parts-{uuid.uuid4().hex[:8]}"
-    scratch.mkdir(parents=True)
-    outs = [scratch/f"part-{i:05d}.parquet" for i in range(len(files))]
     writer, rows = None, 0
-    try:
-        sums = client.gather([client.submit(_part_frame, small, s, t, f, origins, horizon, training, out, pure=False)
-                              for (s, t, f), out in zip(files, outs)])                        # map: one read per part
-        pools = {o: pool_family_weekday([s[o] for s in sums]) for o in origins}               # reduce
-        for o in origins:                        # one origin of all parts at a time, in the pandas engine's row order
-            frame = pd.concat([pd.read_parquet(f, filters=[("origin", "==", o)]) for f in outs], ignore_index=True)
-            frame["family_dow_8w"] = repooled_family(frame, pools)
-            frame = frame.sort_values(["date", "store_nbr", "item_nbr"], kind="stable", ignore_index=True)
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if writer is None: writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table.cast(writer.schema))
-            rows += len(frame)
-    finally:
-        if writer is not None: writer.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+    with shared_scratch() as scratch:
+        outs = [f"{scratch}/part-{i:05d}.parquet" for i in range(len(files))]
+        try:
+            sums = client.gather([client.submit(_part_frame, small, s, t, f, origins, horizon, training, out, pure=False)
+                                  for (s, t, f), out in zip(files, outs)])                    # map: one read per part
+            pools = {o: pool_family_weekday([s[o] for s in sums]) for o in origins}           # reduce
+            for o in origins:                    # one origin of all parts at a time, in the pandas engine's row order
+                frame = pd.concat([pd.read_parquet(f, filters=[("origin", "==", o)]) for f in outs], ignore_index=True)
+                frame["family_dow_8w"] = repooled_family(frame, pools)
+                frame = frame.sort_values(["date", "store_nbr", "item_nbr"], kind="stable", ignore_index=True)
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                if writer is None: writer = pq.ParquetWriter(path, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                rows += len(frame)
+        finally:
+            if writer is not None: writer.close()
     return rows
 
 # %% ../nbs/13_scale.ipynb #660cb32d
