@@ -33,6 +33,9 @@ def quality(result: dict) -> dict:
     if best is not None and ma:
         gain = 1 - best / ma
         out["best vs moving_average"] = f"{gain:.1%} better (target ≥ 10%: {'met' if gain >= 0.10 else 'not met'})"
+    if result.get("gain_captured") is not None:
+        g = result["gain_captured"]
+        out["gain captured (MA → Bayes)"] = f"{g:.1%} (target ≥ 90%: {'met' if g >= 0.90 else 'not met'})"
     return out
 
 def summary_tables(result: dict, explain: bool = False) -> list:
@@ -46,7 +49,7 @@ def summary_tables(result: dict, explain: bool = False) -> list:
     facts = {"dataset": result["dataset"], "best": best,
              "best nwrmsle": (result.get("best") or {}).get("metrics", {}).get("nwrmsle"),
              **{f"{b} nwrmsle": v for b, v in result["baselines"].items()},
-             "oracle nwrmsle": result["oracle_nwrmsle"], **quality(result), "notebooks": result["run_dir"]}
+             "oracle nwrmsle": result["oracle_nwrmsle"], "bayes nwrmsle": result.get("bayes_nwrmsle"), **quality(result), "notebooks": result["run_dir"]}
     tables = [steps, cands, kv_table(facts, title="best vs baselines vs oracle")]
     if result.get("gates"):
         gated, registered = result.get("gated") or {}, result.get("registered")

@@ -719,7 +719,7 @@ def summary(run_id: str, tracker: _Tracker, records: list[dict]) -> dict:
             "run_dir": str(tracker.run_dir),
             "steps": [{k: r[k] for k in ("name", "seconds", "cached", "why")} for r in records],
             "candidates": candidates, "best": best, "baselines": ev.get("baselines", {}),
-            "oracle_nwrmsle": ev.get("oracle_nwrmsle"),
+            **{k: ev.get(k) for k in ("oracle_nwrmsle", "bayes_nwrmsle", "gain_captured")},
             "gated": {k: tracker.gates[k] for k in ("model", "run_id", "champion")} if tracker.gates else None,
             "gates": tracker.gates["gates"] if tracker.gates else [],
             "registered": {k: tracker.registered[k] for k in ("name", "version", "aliases")} | release_aliases if tracker.registered else None,

@@ -85,6 +85,9 @@ def test_results(base, env):
     assert set(base["baselines"]) == {"moving_average", "seasonal_naive"}
     assert base["baselines"]["moving_average"] == next(c for c in base["candidates"] if c["model"] == "moving_average")["metrics"]["nwrmsle"]
     assert 0 < base["oracle_nwrmsle"] < base["baselines"]["moving_average"]      # the simulator's expectation beats the naive forecast
+    assert 0 < base["bayes_nwrmsle"] < base["oracle_nwrmsle"]                    # and the log-optimal forecast beats the mean
+    ma = base["baselines"]["moving_average"]
+    assert base["gain_captured"] == pytest.approx((ma - base["best"]["metrics"]["nwrmsle"]) / (ma - base["bayes_nwrmsle"]), rel=1e-12)
     assert [s["name"] for s in base["steps"]] == ["data", "validate", "features", *[f"train:{m}" for m in MODELS], "evaluate"]
     assert not any(cached(base).values())
     assert base["dataset"].startswith("ds-")
@@ -101,6 +104,8 @@ def test_mlflow_records(base, env):
     assert parent.inputs.dataset_inputs[0].dataset.digest == base["dataset"]
     assert math.isclose(parent.data.metrics["best_nwrmsle"], base["best"]["metrics"]["nwrmsle"])
     assert math.isclose(parent.data.metrics["oracle_nwrmsle"], base["oracle_nwrmsle"])
+    assert math.isclose(parent.data.metrics["bayes_nwrmsle"], base["bayes_nwrmsle"])
+    assert math.isclose(parent.data.metrics["gain_captured"], base["gain_captured"])
     assert {"baseline_ma_nwrmsle", "seasonal_naive_nwrmsle"} <= set(parent.data.metrics)
     assert parent.data.params["stores"] == "3" and parent.data.params["models"] == ",".join(MODELS)
     notebooks = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "notebooks")}
