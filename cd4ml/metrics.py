@@ -66,7 +66,7 @@ def gain_captured(baseline: float | None, # the baseline's error (the moving ave
     return float((baseline - best) / (baseline - floor))
 
 # %% ../nbs/10_metrics.ipynb #9f107a40
-def noise_floors(frame: pd.DataFrame,     # holdout rows: date, store_nbr, item_nbr, unit_sales, weight and (simulated) expected
+def noise_floors(frame: pd.DataFrame,     # holdout rows: date, store_nbr, item_nbr, onpromotion, unit_sales, weight and (simulated) expected
                  sim: dict | None = None, # the simulator parameters of the frame's dataset (its meta['simulator']); None: unknown
                 ) -> dict:
     "NWRMSLE of the mean forecast (`oracle_nwrmsle`) and of the log-optimal one (`bayes_nwrmsle`), None when unknown (`bayes_note`: why)."
@@ -76,9 +76,10 @@ def noise_floors(frame: pd.DataFrame,     # holdout rows: date, store_nbr, item_
     floors = lambda bayes, note=None: {"oracle_nwrmsle": oracle, "bayes_nwrmsle": bayes, "bayes_note": note}
     if not sim: return floors(None, "the dataset does not record the simulator parameters")
     from cd4ml.noise_floor import cell_law, log_optimal
-    try: law = cell_law(sim, frame)
+    try:
+        law = cell_law(sim, frame)
+        if not np.allclose(law.expected, frame.expected, rtol=1e-9, atol=1e-9):
+            off = float(np.max(np.abs(law.expected - frame.expected)))
+            return floors(None, f"the simulator parameters do not reproduce the truth (largest difference {off:.3g})")
+        return floors(nwrmsle(frame.unit_sales, log_optimal(law, frame.onpromotion), frame.weight))
     except Cd4mlError as e: return floors(None, f"the simulator parameters do not cover these rows: {e}")
-    if not np.allclose(law.expected, frame.expected, rtol=1e-9, atol=1e-9):
-        off = float(np.max(np.abs(law.expected - frame.expected)))
-        return floors(None, f"the simulator parameters do not reproduce the truth (largest difference {off:.3g})")
-    return floors(nwrmsle(frame.unit_sales, log_optimal(law), frame.weight))

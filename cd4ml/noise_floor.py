@@ -11,13 +11,13 @@ from .core import Cd4mlError
 from .simulate import BLOCK, KG_SHAPE, TRAFFIC_SIGMA, _means, _world
 
 # %% auto #0
-__all__ = ['cell_law', 'expected_log1p', 'log_optimal']
+__all__ = ['cell_law', 'expected_log1p', 'p_recorded', 'log_optimal']
 
 # %% ../nbs/08_noise_floor.ipynb #f34f3082
 def cell_law(sim: dict,          # simulator parameters, as `simulate` takes them (a simulated dataset's meta['simulator'])
              rows: pd.DataFrame, # date, store_nbr, item_nbr of open cells of that simulation
             ) -> pd.DataFrame:
-    "Per row, the simulator's law of `unit_sales`: `expected` (the truth), `units` (λ/w), `size` (r), `keep`, `kg` (w; 0: counted)."
+    "Per row, the simulator's law of `unit_sales`: `expected` (the truth), `units` (λ/w), `size` (r), `kg` (w; 0: counted), `p_oos`, `q`, `promo`."
     world = _world(**sim)
     worlds = [world, *world.launched]
     items = pd.concat([w.items for w in worlds], ignore_index=True)
@@ -26,21 +26,20 @@ def cell_law(sim: dict,          # simulator parameters, as `simulate` takes the
     i = pd.Index(items.item_nbr).get_indexer(rows.item_nbr)
     outside = (t < 0) | (t >= len(world.dates)) | (s < 0) | (i < 0)
     if outside.any(): _refuse(rows, outside, "is not in the simulation")
-    law = {k: np.empty(len(rows)) for k in ("expected", "lam", "w", "keep")}
-    is_open = np.zeros(len(rows), bool)
+    names = ("expected", "lam", "w", "p_oos", "q", "promo", "open")
+    law = {k: np.empty(len(rows), bool if k in ("promo", "open") else float) for k in names}
     for b in np.unique(t // BLOCK):
         sel = np.flatnonzero(t // BLOCK == b)
         t0, t1 = b * BLOCK, min(b * BLOCK + BLOCK, len(world.dates))
         stores, at = np.unique(s[sel], return_inverse=True)
         parts = [_means(w, stores, t0, t1) for w in worlds]
-        cell = lambda k: np.concatenate([np.broadcast_to(p[k], p["lam"].shape) for p in parts], axis=1)[at, i[sel], t[sel] - t0]
-        q, p_oos = cell("q"), cell("p_oos")
-        law["expected"][sel], law["lam"][sel], law["w"][sel] = cell("expected"), cell("lam"), cell("w")
-        law["keep"][sel], is_open[sel] = (1 - q) * (1 - p_oos), cell("open")
-    if not is_open.all(): _refuse(rows, ~is_open, "is a closed cell (store not open or item not launched)")
+        for k in names:
+            law[k][sel] = np.concatenate([np.broadcast_to(p[k], p["lam"].shape) for p in parts], axis=1)[at, i[sel], t[sel] - t0]
+    if not law["open"].all(): _refuse(rows, ~law["open"], "is a closed cell (store not open or item not launched)")
     weighed = items.weighed.to_numpy()[i]
     return pd.DataFrame({"expected": law["expected"], "units": law["lam"] / law["w"], "size": items.dispersion.to_numpy()[i],
-                         "keep": law["keep"], "kg": np.where(weighed, law["w"], 0.0)}, index=rows.index)
+                         "kg": np.where(weighed, law["w"], 0.0), "p_oos": law["p_oos"], "q": law["q"], "promo": law["promo"]},
+                        index=rows.index)
 
 def _refuse(rows: pd.DataFrame, bad: np.ndarray, why: str):
     "Raise naming the first bad row."
@@ -54,7 +53,11 @@ _X, _WX = np.polynomial.hermite.hermgauss(7)          # Gauss-Hermite nodes and 
 _EPS = np.exp(-TRAFFIC_SIGMA ** 2 / 2 + np.sqrt(2) * TRAFFIC_SIGMA * _X)
 _WEPS = _WX / np.sqrt(np.pi)
 
-def expected_log1p(law: pd.DataFrame, # `cell_law`'s columns units, size, keep, kg
+def _one_minus_laplace(units, size, phi) -> np.ndarray:
+    "1 - E[exp(-Λφ)] for Λ = units·ε·g, g ~ Gamma(size, 1/size), ε the traffic noise."
+    return sum(w * -np.expm1(-size * np.log1p(units * e * phi / size)) for w, e in zip(_WEPS, _EPS))
+
+def expected_log1p(law: pd.DataFrame, # `cell_law`'s columns units, size, kg, p_oos, q
                    chunk: int = 4096, # rows integrated at once (memory: chunk × 181 × 8 bytes a node)
                   ) -> np.ndarray:
     "E[log1p(max(unit_sales, 0))] per row of `law`."
@@ -63,10 +66,22 @@ def expected_log1p(law: pd.DataFrame, # `cell_law`'s columns units, size, keep, 
     for a in range(0, len(law), chunk):
         units, size, kg = (law[c].to_numpy()[a:a + chunk, None] for c in ("units", "size", "kg"))
         phi = np.where(kg > 0, -np.expm1(-KG_SHAPE * np.log1p(s * kg / KG_SHAPE)), -np.expm1(-s))
-        one_minus_l = sum(w * -np.expm1(-size * np.log1p(units * e * phi / size)) for w, e in zip(_WEPS, _EPS))
-        out[a:a + chunk] = h * (np.exp(-s) * one_minus_l).sum(axis=1)
-    return law.keep.to_numpy() * out
+        out[a:a + chunk] = h * (np.exp(-s) * _one_minus_laplace(units, size, phi)).sum(axis=1)
+    return (1 - law.q.to_numpy()) * (1 - law.p_oos.to_numpy()) * out
 
-def log_optimal(law: pd.DataFrame) -> np.ndarray:
-    "The forecast minimising the expected squared log error of each row: exp(E[log1p(Y)]) - 1."
-    return np.expm1(expected_log1p(law))
+def p_recorded(law: pd.DataFrame) -> np.ndarray:
+    "P(unit_sales != 0) per row of `law`: the chance the row is in `train` (a sale or a return)."
+    p_drawn = _one_minus_laplace(law.units.to_numpy(), law["size"].to_numpy(), 1.0)     # P(N > 0)
+    return 1 - (1 - law.q.to_numpy()) * (1 - (1 - law.p_oos.to_numpy()) * p_drawn)
+
+# %% ../nbs/08_noise_floor.ipynb #0a9deba8
+def log_optimal(law: pd.DataFrame, # `cell_law` of the rows
+                recorded,          # each row's `onpromotion` as the frame records it (True only on rows that sold)
+               ) -> np.ndarray:
+    "The forecast minimising the expected squared log error of each row, given its law and its recorded flag: exp(E[log1p(Y) | flag]) - 1."
+    recorded, promo = np.asarray(recorded, bool), law.promo.to_numpy()
+    if (recorded & ~promo).any():
+        k = int(np.flatnonzero(recorded & ~promo)[0])
+        raise Cd4mlError(f"rows[{k}] is recorded on promotion but the simulation has no promotion there")
+    m = expected_log1p(law)
+    return np.expm1(np.where(promo & recorded, m / np.where(promo & recorded, p_recorded(law), 1.0), np.where(promo, 0.0, m)))
