@@ -67,8 +67,12 @@ def _ridge(alpha):
                               ("scale", StandardScaler(), numeric)])
     return Pipeline([("prep", prep), ("model", Ridge(alpha=alpha))])
 
+def _lightgbm(**params):
+    from lightgbm import LGBMRegressor     # imported when asked for: `cd4ml.models` loads without it
+    return LGBMRegressor(**params)
+
 _BUILDERS = {"moving_average": MovingAverage, "seasonal_naive": SeasonalNaive, "ridge": _ridge,
-             "random_forest": RandomForestRegressor, "hist_gbr": HistGradientBoostingRegressor}
+             "random_forest": RandomForestRegressor, "hist_gbr": HistGradientBoostingRegressor, "lightgbm": _lightgbm}
 
 def make_model(name: str,                 # one of `CANDIDATES`
                params: dict | None = None, # overrides of the candidate's default parameters
