@@ -123,7 +123,7 @@ def feature_importance(model: TransformedTargetRegressor, # a fitted model
                        frame: pd.DataFrame,              # rows to measure on, e.g. the validation frame
                        n_repeats: int = 3,               # shuffles per feature
                        random_state: int = 0,
-                       max_rows: int = 5000,             # a sample of this many rows keeps it quick
+                       max_rows: int = 2000,             # a sample of this many rows keeps it quick
                       ) -> pd.DataFrame:
     "Permutation importance (increase of log-scale RMSE) per feature, most important first."
     sample = frame.sample(n=min(len(frame), max_rows), random_state=random_state)
