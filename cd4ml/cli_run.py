@@ -34,6 +34,9 @@ def quality(result: dict) -> dict:
     if best is not None and ma:
         gain = 1 - best / ma
         out["best vs moving_average"] = f"{gain:.1%} better (target ≥ 10%: {'met' if gain >= 0.10 else 'not met'})"
+    if result.get("gain_captured") is not None:
+        g = result["gain_captured"]
+        out["gain captured (MA → Bayes)"] = f"{g:.1%} (target ≥ 90%: {'met' if g >= 0.90 else 'not met'})"
     return out
 
 # %% ../nbs/27_cli_run.ipynb #8c2f4e06
@@ -68,7 +71,8 @@ def summary_tables(result: dict, explain: bool = False) -> list:
     facts = {"dataset": result["dataset"], "best": best,
              "best nwrmsle": (result.get("best") or {}).get("metrics", {}).get("nwrmsle"),
              **{f"{b} nwrmsle": v for b, v in result["baselines"].items()},
-             "oracle nwrmsle": result["oracle_nwrmsle"], **quality(result), "notebooks": result["run_dir"]}
+             "oracle nwrmsle": result["oracle_nwrmsle"],
+             "bayes nwrmsle": result.get("bayes_nwrmsle"), **quality(result), "notebooks": result["run_dir"]}
     return [steps, cands, kv_table(facts, title="best vs baselines vs oracle"), *_gate_tables(result)]
 
 # %% ../nbs/27_cli_run.ipynb #5d7b2e19

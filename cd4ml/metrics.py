@@ -5,11 +5,12 @@
 # %% ../nbs/10_metrics.ipynb #ddbee67f
 from __future__ import annotations
 import numpy as np
+import pandas as pd
 
 from .core import Cd4mlError
 
 # %% auto #0
-__all__ = ['perishable_weight', 'nwrmsle', 'rmse', 'mae', 'r2', 'score']
+__all__ = ['perishable_weight', 'nwrmsle', 'rmse', 'mae', 'r2', 'score', 'gain_captured', 'noise_floors']
 
 # %% ../nbs/10_metrics.ipynb #c8892b3b
 def _arrays(*arrays) -> list[np.ndarray]:
@@ -54,3 +55,31 @@ def score(y_true, y_pred, weight=None) -> dict:
     "All metrics of a forecast as a dict: nwrmsle, rmse, mae, r2."
     return {"nwrmsle": nwrmsle(y_true, y_pred, weight), "rmse": rmse(y_true, y_pred),
             "mae": mae(y_true, y_pred), "r2": r2(y_true, y_pred)}
+
+# %% ../nbs/10_metrics.ipynb #7227f6d7
+def gain_captured(baseline: float | None, # the baseline's error (the moving average's NWRMSLE)
+                  best: float | None,     # the model's error
+                  floor: float | None,    # the lowest error achievable on the same rows
+                 ) -> float | None:
+    "(baseline - best) / (baseline - floor); None when a number is unknown or the baseline is already at the floor."
+    if baseline is None or best is None or floor is None or baseline <= floor: return None
+    return float((baseline - best) / (baseline - floor))
+
+# %% ../nbs/10_metrics.ipynb #9f107a40
+def noise_floors(frame: pd.DataFrame,     # holdout rows: date, store_nbr, item_nbr, onpromotion, unit_sales, weight and (simulated) expected
+                 sim: dict | None = None, # the simulator parameters of the frame's dataset (its meta['simulator']); None: unknown
+                ) -> dict:
+    "NWRMSLE of the mean forecast (`oracle_nwrmsle`) and of the log-optimal one (`bayes_nwrmsle`), None when unknown (`bayes_note`: why)."
+    if "expected" not in frame or frame.expected.isna().any():
+        return {"oracle_nwrmsle": None, "bayes_nwrmsle": None, "bayes_note": "no truth: the data was not simulated"}
+    oracle = nwrmsle(frame.unit_sales, frame.expected, frame.weight)
+    floors = lambda bayes, note=None: {"oracle_nwrmsle": oracle, "bayes_nwrmsle": bayes, "bayes_note": note}
+    if not sim: return floors(None, "the dataset does not record the simulator parameters")
+    from cd4ml.noise_floor import cell_law, log_optimal
+    try:
+        law = cell_law(sim, frame)
+        if not np.allclose(law.expected, frame.expected, rtol=1e-9, atol=1e-9):
+            off = float(np.max(np.abs(law.expected - frame.expected)))
+            return floors(None, f"the simulator parameters do not reproduce the truth (largest difference {off:.3g})")
+        return floors(nwrmsle(frame.unit_sales, log_optimal(law, frame.onpromotion), frame.weight))
+    except Cd4mlError as e: return floors(None, f"the simulator parameters do not cover these rows: {e}")

@@ -67,8 +67,12 @@ def _ridge(alpha):
                               ("scale", StandardScaler(), numeric)])
     return Pipeline([("prep", prep), ("model", Ridge(alpha=alpha))])
 
+def _lightgbm(**params):
+    from lightgbm import LGBMRegressor     # imported when asked for: `cd4ml.models` loads without it
+    return LGBMRegressor(**params)
+
 _BUILDERS = {"moving_average": MovingAverage, "seasonal_naive": SeasonalNaive, "ridge": _ridge,
-             "random_forest": RandomForestRegressor, "hist_gbr": HistGradientBoostingRegressor}
+             "random_forest": RandomForestRegressor, "hist_gbr": HistGradientBoostingRegressor, "lightgbm": _lightgbm}
 
 def make_model(name: str,                 # one of `CANDIDATES`
                params: dict | None = None, # overrides of the candidate's default parameters
@@ -119,7 +123,7 @@ def feature_importance(model: TransformedTargetRegressor, # a fitted model
                        frame: pd.DataFrame,              # rows to measure on, e.g. the validation frame
                        n_repeats: int = 3,               # shuffles per feature
                        random_state: int = 0,
-                       max_rows: int = 5000,             # a sample of this many rows keeps it quick
+                       max_rows: int = 2000,             # a sample of this many rows keeps it quick
                       ) -> pd.DataFrame:
     "Permutation importance (increase of log-scale RMSE) per feature, most important first."
     sample = frame.sample(n=min(len(frame), max_rows), random_state=random_state)

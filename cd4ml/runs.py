@@ -195,7 +195,7 @@ def summary(run_id: str,            # the parent MLflow run
     return {"parent_run_id": run_id, "up_to_date": False, "dataset": (outputs.get("dataset.json") or {}).get("version"),
             "run_dir": str(run_dir), "steps": steps,
             "candidates": candidates, "best": best_of(evaluation, candidates),
-            "baselines": evaluation.get("baselines", {}), "oracle_nwrmsle": evaluation.get("oracle_nwrmsle"),
+            "baselines": evaluation.get("baselines", {}), **{k: evaluation.get(k) for k in ("oracle_nwrmsle", "bayes_nwrmsle", "gain_captured")},
             "gated": {k: gates[k] for k in ("model", "run_id", "champion")} if gates else None,
             "gates": gates["gates"] if gates else [],
             "registered": ({k: registered[k] for k in ("name", "version", "aliases")} | after_release

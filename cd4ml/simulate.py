@@ -353,8 +353,8 @@ def _promo(world: _World, s: int, t0: int, t1: int) -> np.ndarray:
     on = (c >= 0) & world.participates[s][np.maximum(c, 0)]
     return np.concatenate([np.zeros((len(c), lo - t0), bool), on], axis=1)
 
-def _block(world: _World, stores: np.ndarray, t0: int, t1: int) -> dict:
-    "Sales, truth and transactions of store indices `stores` for days `t0..t1-1`, as dense arrays."
+def _means(world: _World, stores: np.ndarray, t0: int, t1: int) -> dict:
+    "The deterministic side of a block (stores × items × days): the mean λ before any noise, the truth and what the draws need."
     it, st, n_days = world.items, world.stores, t1 - t0
     t = np.arange(t0, t1)
     dow = world.dates.day_of_week.to_numpy()[t0:t1]
@@ -379,6 +379,14 @@ def _block(world: _World, stores: np.ndarray, t0: int, t1: int) -> dict:
     p_oos = it.p_oos.to_numpy()[None, :, None]
     q = RETURN_RATE * np.minimum(lam, 1.0)
     expected = (1 - q) * (1 - p_oos) * lam - q * 1.5 * w
+    return {"lam": lam, "w": w, "p_oos": p_oos, "q": q, "expected": expected, "promo": promo, "open": cell_open,
+            "store_open": store_open}
+
+def _block(world: _World, stores: np.ndarray, t0: int, t1: int) -> dict:
+    "Sales, truth and transactions of store indices `stores` for days `t0..t1-1`, as dense arrays."
+    it, st, n_days = world.items, world.stores, t1 - t0
+    m = _means(world, stores, t0, t1)
+    lam, w, p_oos, q = m["lam"], m["w"], m["p_oos"], m["q"]
     units = np.empty(lam.shape)
     eps = np.empty((len(stores), n_days)); tx_noise = np.empty_like(eps)
     r = it.dispersion.to_numpy()[:, None]
@@ -396,10 +404,10 @@ def _block(world: _World, stores: np.ndarray, t0: int, t1: int) -> dict:
         size = 1.0 + rng.poisson(0.5, int(ret.sum()))
         y[ret] = -np.round(size * np.broadcast_to(w[0], y.shape)[ret], 3)
         units[k] = y
+    dow = world.dates.day_of_week.to_numpy()[t0:t1]
     transactions = np.round(st.base_transactions.to_numpy()[stores][:, None] * world.traffic[stores][:, t0:t1]
                             / st["size"].to_numpy()[stores][:, None] * WEEKLY[dow] ** 0.6 * eps * tx_noise)
-    return {"units": units, "promo": promo, "expected": expected, "open": cell_open,
-            "store_open": store_open, "transactions": transactions}
+    return {"units": units, "transactions": transactions, **{k: m[k] for k in ("promo", "expected", "open", "store_open")}}
 
 # %% ../nbs/02_simulate.ipynb #700b4b65
 def _block_rows(world: _World, t0: int, t1: int, chunk_stores: int | None) -> dict[str, dict[str, np.ndarray]]:

@@ -205,7 +205,7 @@ def log_dataset(ds, # a `cd4ml.datasets.Dataset`
     mlflow.set_tag("cd4ml.dataset", ds.version)
 
 # %% ../nbs/20_tracking.ipynb #7a387f4d
-PINNED_PACKAGES = ("scikit-learn", "pandas", "numpy", "scipy", "skops")
+PINNED_PACKAGES = ("scikit-learn", "pandas", "numpy", "scipy", "skops", "lightgbm")
 
 def pinned_requirements() -> list[str]:
     "Exact pins of the packages a logged model needs, plus cd4ml itself."

@@ -7,24 +7,20 @@ The run is the users' one, release step included (the Bento built, served, teste
 metrics must equal a pandas-engine run's on the same data, the features must have been computed by those two
 workers (a LocalCluster would leave their logs empty), and the workers must not have touched a workspace.
 """
-import json, os, signal, socket, subprocess, sys
+import json, os, signal, subprocess, sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from _stores import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = ["-p", "stores=3", "-p", "items=10", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
         "-p", "models=moving_average,ridge", "-p", "part_rows=1000"]     # about 1000 rows per store: one store per part
 PARTS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(procs: list):

@@ -40,7 +40,7 @@ def test_dataset_frames_parity_and_leakage(dataset):
 def test_candidates_round_trip_through_skops(dataset):
     split = forecast_origins(dataset, horizon=7, n_train=4, n_valid=1)
     train, hold = training_frame(dataset, split["train"], 7), training_frame(dataset, [split["holdout"]], 7)
-    small = {"random_forest": {"n_estimators": 5}, "hist_gbr": {"max_iter": 10}}
+    small = {"random_forest": {"n_estimators": 5}, "hist_gbr": {"max_iter": 10}, "lightgbm": {"n_estimators": 20, "min_child_samples": 20}}
     scores = {}
     for name in CANDIDATES:
         model = fit(make_model(name, small.get(name)), train)

@@ -14,8 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
-        "-p", "models.random_forest.n_estimators=10", "-p", "models.hist_gbr.max_iter=30"]
-MODELS = ["moving_average", "seasonal_naive", "ridge", "random_forest", "hist_gbr"]
+        "-p", "models.hist_gbr.max_iter=30", "-p", "models.lightgbm.n_estimators=50"]
+MODELS = ["moving_average", "seasonal_naive", "ridge", "hist_gbr", "lightgbm"]
 
 
 def cached(result) -> dict:
@@ -58,6 +58,9 @@ def test_results(base, env):
     assert set(base["baselines"]) == {"moving_average", "seasonal_naive"}
     assert base["baselines"]["moving_average"] == next(c for c in base["candidates"] if c["model"] == "moving_average")["metrics"]["nwrmsle"]
     assert 0 < base["oracle_nwrmsle"] < base["baselines"]["moving_average"]      # the simulator's expectation beats the naive forecast
+    assert 0 < base["bayes_nwrmsle"] < base["oracle_nwrmsle"]                    # and the log-optimal forecast beats the mean
+    ma = base["baselines"]["moving_average"]
+    assert base["gain_captured"] == pytest.approx((ma - base["best"]["metrics"]["nwrmsle"]) / (ma - base["bayes_nwrmsle"]), rel=1e-12)
     assert [s["name"] for s in base["steps"]] == ["data", "validate", "features", *[f"train:{m}" for m in MODELS], "evaluate"]
     assert not any(cached(base).values())
     assert base["dataset"].startswith("ds-")
@@ -74,6 +77,8 @@ def test_mlflow_records(base, env):
     assert parent.inputs.dataset_inputs[0].dataset.digest == base["dataset"]
     assert math.isclose(parent.data.metrics["best_nwrmsle"], base["best"]["metrics"]["nwrmsle"])
     assert math.isclose(parent.data.metrics["oracle_nwrmsle"], base["oracle_nwrmsle"])
+    assert math.isclose(parent.data.metrics["bayes_nwrmsle"], base["bayes_nwrmsle"])
+    assert math.isclose(parent.data.metrics["gain_captured"], base["gain_captured"])
     assert {"baseline_ma_nwrmsle", "seasonal_naive_nwrmsle"} <= set(parent.data.metrics)
     assert parent.data.params["stores"] == "3" and parent.data.params["models"] == ",".join(MODELS)
     notebooks = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "notebooks")}
@@ -233,6 +238,17 @@ def test_default_run_installs_nothing(default_run):
     assert [s["name"] for s in default_run.result["steps"]] == DEFAULT_STEPS
     assert default_run.result["release"]["promoted"]
     assert default_run.installed_after == default_run.installed_before
+
+
+def test_default_run_noise_floor_and_lightgbm_champion(default_run):
+    r = default_run.result
+    ma, best = r["baselines"]["moving_average"], r["best"]["metrics"]["nwrmsle"]
+    assert 0 < r["bayes_nwrmsle"] < r["oracle_nwrmsle"] < ma                  # the log-optimal forecast beats the mean
+    assert r["gain_captured"] == pytest.approx((ma - best) / (ma - r["bayes_nwrmsle"]), rel=1e-12)
+    assert r["gain_captured"] > 0.8, r["gain_captured"]                         # measured 0.829 (README: Models and the noise floor)
+    assert r["best"]["model"] == "lightgbm" and r["release"]["promoted"]        # a LightGBM champion, built, served and promoted ...
+    parity = next(g for g in r["release"]["gates"] if g["gate"] == "parity")
+    assert parity["result"] == "pass" and parity["value"] <= 1e-9               # ... answering as offline to 1e-9
 
 
 def test_default_run_reports_show_only_the_run(default_run):

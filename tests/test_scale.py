@@ -31,6 +31,7 @@ def test_dask_engine_equals_pandas(new_workspace, cli, tiny_project):
     rows = json.loads((Path(env["CD4ML_HOME"])/"data"/dask_full["dataset"]/"meta.json").read_text())["rows"]
     assert {c["check"]: c["detail"] for c in reports[0]["checks"]}["sales: not empty"] == f"{rows} rows"
     assert pandas_full["oracle_nwrmsle"] == pytest.approx(dask_full["oracle_nwrmsle"], abs=1e-12)
+    assert pandas_full["bayes_nwrmsle"] == pytest.approx(dask_full["bayes_nwrmsle"], abs=1e-12) and pandas_full["bayes_nwrmsle"] > 0
     for model, m in metrics(pandas_full).items():
         assert metrics(dask_full)[model] == pytest.approx(m, rel=0, abs=1e-9), model
     # training.mode=sample (the same series in both engines) is checked in nbs/13_scale.ipynb: a third run costs ~30 s more
