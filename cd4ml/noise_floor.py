@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError
-from .simulate import BLOCK, KG_SHAPE, TRAFFIC_SIGMA, _means, _world
+from .simulate import BLOCK, KG_SHAPE, TRAFFIC_SIGMA, _means
+from .world import _world
 
 # %% auto #0
 __all__ = ['cell_law', 'expected_log1p', 'p_recorded', 'log_optimal']

@@ -125,7 +125,8 @@ def generate_partitioned(part_rows: int = PART_ROWS,  # about this many sales ro
                          **sim,                       # simulator parameters: stores, items, days, start, seed, drift, ... (see `simulate`)
                         ) -> Dataset:
     "Simulate straight into a partitioned dataset, one 28-day block at a time."
-    from cd4ml.simulate import _blocks, _frame, _static_tables, _world
+    from cd4ml.simulate import _blocks, _frame, _static_tables
+    from cd4ml.world import _world
     world = _world(**sim)
     all_stores = np.sort(world.stores.store_nbr.to_numpy())
     per_part = stores_per_part(0.5 * len(world.items) * len(world.dates), part_rows)   # at most half the store-item-days sell

@@ -72,20 +72,15 @@ def test_no_float_sum_is_compared_exactly():
 
 # One concept per module: a module above this many lines holds several; split its notebook.
 MAX_MODULE_LINES = 400
-LONG_MODULES = {"simulate"}   # known to be too long, to be split (issue 15); remove each once it is
 
 def module_lines() -> dict:
     "Line count of each module of the cd4ml package (without nbdev's generated index)."
     return {p.stem: len(p.read_text().splitlines()) for p in (ROOT/"cd4ml").glob("*.py") if p.name != "_modidx.py"}
 
 def test_no_module_is_too_long():
-    long = {m: n for m, n in module_lines().items() if n > MAX_MODULE_LINES and m not in LONG_MODULES}
+    long = {m: n for m, n in module_lines().items() if n > MAX_MODULE_LINES}
     assert not long, f"modules above {MAX_MODULE_LINES} lines (split each notebook into its concepts): {long}"
 
-def test_the_list_of_long_modules_is_current():
-    lines = module_lines()
-    done = sorted(m for m in LONG_MODULES if lines.get(m, 0) <= MAX_MODULE_LINES)
-    assert not done, f"{done} no longer above {MAX_MODULE_LINES} lines: remove them from LONG_MODULES"
 
 # The runner (spec in, executed notebooks and cache entries out) knows nothing of the forecasting domain: the domain
 # plugs in through hooks (cd4ml.runs) and named functions (cd4ml.spec.CONFIG_BLOCKS, PARAM_CHECKS).
