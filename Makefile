@@ -39,10 +39,10 @@ pipeline-favorita: install ## opt-in, not in CI: the pipeline on the dask engine
 test: install nbtest pytest ## nbdev_test (notebook tests) + pytest (integration, end-to-end)
 
 nbtest: install
-	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: install
-	@$(BIN)/python -m pytest tests --durations=12; rc=$$?; \
+	@$(BIN)/python -m pytest tests --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here, not a pass" >&2; exit 1; fi; exit $$rc
 
 lab: install ## JupyterLab on nbs/ at http://127.0.0.1:$$PORT (default 8888); a step notebook run there binds to the last run

@@ -69,6 +69,7 @@ def plain(spec_path: str, overrides: list[str], processes: int) -> dict:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import mlflow, pandas as pd
     from cd4ml.core import hash_json, workspace, write_json
+    from cd4ml.datasets import SALES
     from cd4ml.drift import validation_report
     from cd4ml.features import forecast_origins
     from cd4ml.imports import import_favorita
@@ -98,7 +99,7 @@ def plain(spec_path: str, overrides: list[str], processes: int) -> dict:
             with tf.TemporaryDirectory() as tmp:
                 generate(f"{tmp}/favorita", **sim)
                 ds, _ = import_favorita(f"{tmp}/favorita", source="simulator", extra={"simulator": sim})
-        log_dataset(ds)
+        log_dataset(ds, SALES)
         write_json(out/"validation.json", validation_report(ds.version, by_part=p["engine"] == "dask"))  # step: validate
         origins = forecast_origins(ds, p["horizon"], p["n_train"], p["n_valid"])  # step: features
         write_training_frames(ds, origins, p["horizon"], out, p["engine"], p["training"])

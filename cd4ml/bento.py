@@ -43,7 +43,7 @@ def import_champion(model_version: str | None = None,  # a registry version or a
                    ) -> dict:
     "Import a registry version into the BentoML store as `BENTO_MODEL`, history and trained horizon included."
     import bentoml, mlflow
-    from cd4ml.datasets import load_dataset
+    from cd4ml.datasets import SALES, load_dataset
     from cd4ml.features import freq_of
     from cd4ml.registry import describe_version, trained_horizon
     from cd4ml.deployment import dataset_of, resolve_model
@@ -52,7 +52,7 @@ def import_champion(model_version: str | None = None,  # a registry version or a
     mlflow.set_registry_uri(tracking_uri())
     mv = resolve_model(model_version)
     ds = load_dataset(dataset_of(mv))
-    tables = ("sales", "items", "stores", "holidays", "oil", "transactions")
+    tables = (SALES, "items", "stores", "holidays", "oil", "transactions")
     history = {name: ds.table(name) for name in tables if name in ds}
     uri = f"models:/{MODEL_NAME}/{mv.version}"   # the number resolved above
     meta = {"version": str(mv.version), "run_id": mv.run_id, "model_uri": uri, "dataset_version": ds.version,

@@ -91,14 +91,14 @@ def _generate_csv(params: dict, source: str, out: Path, bar) -> dict:
 
 def _generate_parts(params: dict, source: str, part_rows: int | None, bar) -> dict:
     "The dask engine: the simulation streamed into Parquet parts of the dataset."
-    from cd4ml.datasets import list_datasets
+    from cd4ml.datasets import SALES, list_datasets
     from cd4ml.scale import PART_ROWS, generate_partitioned
     before = {m["version"] for m in list_datasets()}
     ds = generate_partitioned(part_rows=part_rows or PART_ROWS, source=source, extra={"simulator": params},
                               on_progress=lambda _, rows: bar.update(bar.task_ids[0], description=f"simulating: {rows:,} sales rows"),
                               **params)
     return _import_result(ds, {"created": ds.version not in before, "bad_rows": 0}, out=str(ds.path), engine="dask",
-                          parts=len(ds.parts("sales")))
+                          parts=len(ds.parts(SALES)))
 
 # %% ../nbs/14_cli_data.ipynb #d18e2975
 @data_app.command("import")

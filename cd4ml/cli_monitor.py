@@ -69,14 +69,14 @@ def log_report(report: dict, folder: Path) -> str:
 def feedback_dataset(report: dict) -> str:
     "The champion's dataset plus the feedback after its end, saved as a new dataset version (its meta: parent, ...)."
     from cd4ml import monitor
-    from cd4ml.datasets import TABLES, load_dataset, save_dataset
+    from cd4ml.datasets import SALES, TABLES, load_dataset, save_dataset
     from cd4ml.predlog import read_feedback, read_log
     ds = load_dataset(report["dataset_version"])
     tables = {name: ds.table(name) for name in TABLES if name in ds}
     served, feedback = monitor.served_frame(read_log()), monitor.feedback_frame(read_feedback())
     grown = monitor.append_feedback(tables, served, feedback)
     extra = {"parent": report["dataset_version"], "feedback_rows": report["feedback_rows"],
-             "unflagged_promotion_rows": monitor.unflagged_feedback(tables["sales"], served, feedback)}
+             "unflagged_promotion_rows": monitor.unflagged_feedback(tables[SALES], served, feedback)}
     return save_dataset(grown, source=f"{report['dataset_version']} + feedback (cd4ml monitor --retrain)",
                         freq=ds.meta.get("freq", "D"), extra=extra).version
 

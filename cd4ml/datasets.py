@@ -15,12 +15,13 @@ import pandas as pd
 from .core import Cd4mlError, atomic_dir, hash_bytes, hash_frame, workspace, write_json
 
 # %% auto #0
-__all__ = ['TABLES', 'REQUIRED', 'SIDE_TABLES', 'normalize', 'data_root', 'dataset_version', 'version_of_hashes', 'describe',
-           'Dataset', 'save_dataset', 'list_datasets', 'resolve_version', 'load_dataset']
+__all__ = ['SALES', 'TABLES', 'REQUIRED', 'SIDE_TABLES', 'normalize', 'data_root', 'dataset_version', 'version_of_hashes',
+           'describe', 'Dataset', 'save_dataset', 'list_datasets', 'resolve_version', 'load_dataset']
 
 # %% ../nbs/03_datasets.ipynb #5955252e
+SALES = "sales"   # the main table: units sold per date, store and item (Kaggle's `train`)
 TABLES = {
-    "sales":        ({"date": "datetime64[ns]", "store_nbr": "int32", "item_nbr": "int32",
+    SALES:          ({"date": "datetime64[ns]", "store_nbr": "int32", "item_nbr": "int32",
                       "unit_sales": "float64", "onpromotion": "bool"}, ["date", "store_nbr", "item_nbr"]),
     "items":        ({"item_nbr": "int32", "family": "str", "class": "int32", "perishable": "int8"}, ["item_nbr"]),
     "stores":       ({"store_nbr": "int32", "city": "str", "state": "str", "type": "str", "cluster": "int32"}, ["store_nbr"]),
@@ -32,7 +33,7 @@ TABLES = {
                      ["date", "store_nbr", "item_nbr"]),
     "keys":         ({"kind": "str", "key": "str", "id": "int32"}, ["kind", "id"]),
 }
-REQUIRED = ("sales", "items", "stores")
+REQUIRED = (SALES, "items", "stores")
 SIDE_TABLES = ("truth",)   # stored with the version, left out of its hash
 
 def normalize(name: str, df: pd.DataFrame) -> pd.DataFrame:
@@ -71,7 +72,7 @@ def version_of_hashes(hashes: dict[str, str]) -> str:
 
 def describe(tables: dict[str, pd.DataFrame]) -> dict:
     "Summary facts of normalized tables, as stored in `meta.json`."
-    sales = tables["sales"]
+    sales = tables[SALES]
     return {"rows": int(len(sales)),
             "start": sales.date.min().date().isoformat() if len(sales) else None,
             "end": sales.date.max().date().isoformat() if len(sales) else None,
@@ -102,7 +103,7 @@ class Dataset:
                                  normalize(name, pd.concat([pd.read_parquet(p) for p in self.parts(name)], ignore_index=True)))
         return self._cache[name]
     @property
-    def sales(self) -> pd.DataFrame: return self.table("sales")
+    def sales(self) -> pd.DataFrame: return self.table(SALES)
 
 def save_dataset(tables: dict[str, pd.DataFrame], # raw tables by name; `sales`, `items`, `stores` required
                  source: str,                        # where it came from, e.g. 'simulator seed=1' or a path

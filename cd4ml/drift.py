@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .core import atomic_write_text, write_json
-from .datasets import Dataset, load_dataset
+from .datasets import SALES, Dataset, load_dataset
 from .validate import check_dataset
 
 # %% auto #0
@@ -84,7 +84,7 @@ def drift_frame(ds: Dataset) -> pd.DataFrame:
 
 def coverage(ds: Dataset) -> dict:
     "Date coverage of a dataset: start, end, days with sales, and days missing in between (read part by part, dates only)."
-    days = pd.concat([pd.read_parquet(p, columns=["date"]).date.drop_duplicates() for p in ds.parts("sales")]).drop_duplicates()
+    days = pd.concat([pd.read_parquet(p, columns=["date"]).date.drop_duplicates() for p in ds.parts(SALES)]).drop_duplicates()
     span = (days.max() - days.min()).days + 1 if len(days) else 0
     step = 7 if ds.meta.get("freq") == "W" else 1
     return {"start": ds.meta["start"], "end": ds.meta["end"], "dates": int(len(days)),

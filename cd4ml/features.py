@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError
-from .datasets import TABLES, Dataset, normalize
+from .datasets import SALES, TABLES, Dataset, normalize
 
 # %% auto #0
 __all__ = ['WINDOW_DAYS', 'LOOKBACK_DAYS', 'CALENDAR', 'HOLIDAYS', 'PROMO', 'HISTORY', 'ATTRIBUTES', 'EXTERNAL', 'FEATURES',
@@ -286,8 +286,8 @@ def origin_stats(data: Dataset | dict, # the dataset, or one partition of its se
     "The history and each origin's series statistics, one history for all origins."
     tables = tables_of(data)
     step, origins = period_of(freq_of(data)), sorted({pd.Timestamp(o) for o in origins})
-    _check_origins(tables["sales"], origins)
-    hist = history(tables["sales"], lookback_start(origins[0], step), origins[-1], step, first_sale)
+    _check_origins(tables[SALES], origins)
+    hist = history(tables[SALES], lookback_start(origins[0], step), origins[-1], step, first_sale)
     return OriginStats(tables, context(tables), hist, {o: series_stats(hist, o) for o in origins})
 
 def family_weekday_partial(prep: OriginStats) -> dict:
@@ -325,10 +325,10 @@ def features_for(data: Dataset | dict,      # the dataset holding the history
     "`FEATURES` for each request row (same order and index), from sales up to `origin` only."
     origin = pd.Timestamp(origin)
     _check_requests(requests, origin)
-    tables = tables_of(data, ["sales", "items", "stores", "holidays", "oil", "transactions"])
+    tables = tables_of(data, [SALES, "items", "stores", "holidays", "oil", "transactions"])
     step = period_of(freq_of(data))
-    _check_origins(tables["sales"], [origin])
-    sales = tables["sales"][tables["sales"].date <= origin]
+    _check_origins(tables[SALES], [origin])
+    sales = tables[SALES][tables[SALES].date <= origin]
     hist = history(sales, lookback_start(origin, step), origin, step)
     return feature_rows(context(tables), hist, origin, requests)
 
@@ -346,7 +346,7 @@ def training_rows(prep: OriginStats, # `origin_stats` of the data
                  ) -> pd.DataFrame:
     "`training_frame`'s rows from the history and statistics already computed; `family_dow_8w` pooled over `prep`'s series."
     tables, ctx, hist = prep.tables, prep.ctx, prep.hist
-    sales, step = tables["sales"], hist.step
+    sales, step = tables[SALES], hist.step
     pools = {o: pool_family_weekday([s]) for o, s in family_weekday_partial(prep).items()}
     frames = []
     for origin in prep.stats:
@@ -383,7 +383,7 @@ def forecast_origins(data: Dataset | dict,  # the dataset
     if isinstance(data, Dataset) and data.meta.get("end"):   # stored: the span is in meta.json, no need to read the sales
         first, last = pd.Timestamp(data.meta["start"]), pd.Timestamp(data.meta["end"])
     else:
-        dates = tables_of(data, ["sales"])["sales"].date
+        dates = tables_of(data, [SALES])[SALES].date
         first, last = dates.min(), dates.max()
     holdout = last - period * horizon
     back = lambda end, n: [end - period * step * i for i in range(n)][::-1]

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pandas as pd
 
-from .datasets import Dataset
+from .datasets import SALES, Dataset
 from .contract import Catalog, Rows
 from . import features, models
 
@@ -33,7 +33,7 @@ class Forecaster:
                  cache_rows: int = 500_000):   # most rows (features and prediction) kept; emptied when full
         self.model, self.data, self.version, self.info = model, data, str(version), dict(info or {})
         tables = features.tables_of(data)
-        self.sales = tables["sales"]
+        self.sales = tables[SALES]
         self.origin = pd.Timestamp(self.sales.date.max())
         self.catalog = Catalog(tables["stores"], tables["items"], self.origin, max_horizon, features.freq_of(data))
         self.cache_rows, self._cache, self._predicted, self._lock = cache_rows, {}, {}, threading.Lock()

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, atomic_write_text, workspace
-from .datasets import TABLES, Dataset, list_datasets, save_dataset
+from .datasets import SALES, TABLES, Dataset, list_datasets, save_dataset
 from .validate import (CHUNK_ROWS, check_mode, content_issues, content_schema, duplicate_keys, raise_first,
                             read_checked, unknown_keys)
 
@@ -21,9 +21,9 @@ __all__ = ['FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MIN_DATES', 'MAPPING', 'imp
 
 # %% ../nbs/05_imports.ipynb #0aec8d1c
 def _save(tables: dict, issues: pd.DataFrame, source: str, freq: str, extra: dict | None) -> tuple[Dataset, dict]:
-    sales = tables["sales"]
-    tables["sales"] = sales[sales.unit_sales != 0].reset_index(drop=True)
-    if not len(tables["sales"]): raise Cd4mlError(f"{source}: no rows with non-zero sales left to import")
+    sales = tables[SALES]
+    tables[SALES] = sales[sales.unit_sales != 0].reset_index(drop=True)
+    if not len(tables[SALES]): raise Cd4mlError(f"{source}: no rows with non-zero sales left to import")
     before = {m["version"] for m in list_datasets()}
     ds = save_dataset(tables, source=source, freq=freq, extra=extra)
     quarantine = None
@@ -37,7 +37,7 @@ def _save(tables: dict, issues: pd.DataFrame, source: str, freq: str, extra: dic
 
 # %% ../nbs/05_imports.ipynb #f65751be
 FAVORITA_FILES = {  # file -> (table, {column: kind}, required, unique columns)
-    "train.csv": ("sales", {"date": "date", "store_nbr": "int", "item_nbr": "int", "unit_sales": "float",
+    "train.csv": (SALES, {"date": "date", "store_nbr": "int", "item_nbr": "int", "unit_sales": "float",
                             "onpromotion": "bool"}, True, ()),
     "items.csv": ("items", {"item_nbr": "int", "family": "str", "class": "int", "perishable": "int"}, True, ("item_nbr",)),
     "stores.csv": ("stores", {"store_nbr": "int", "city": "str", "state": "str", "type": "str", "cluster": "int"},
@@ -76,7 +76,7 @@ def import_favorita(path: Path | str,             # folder with the Kaggle CSVs 
               lambda s: unknown_keys(s, "store_nbr", tables["stores"].store_nbr, "train.csv", "stores.csv"),
               lambda s: unknown_keys(s, "item_nbr", tables["items"].item_nbr, "train.csv", "items.csv")]
     for check in checks:
-        tables["sales"], bad = check(tables["sales"])
+        tables[SALES], bad = check(tables[SALES])
         if on_bad_rows == "fail": raise_first(bad)
         issues.append(bad)
     if (path/"truth.parquet").exists():
@@ -170,7 +170,7 @@ def import_sales_csv(path: Path | str,         # the sales CSV
     (store_ids, store_keys), (item_ids, item_keys) = stores.ids("store"), items.ids("item")
     sales["store_nbr"], sales["item_nbr"] = store_ids[sales.store_nbr], item_ids[sales.item_nbr]
     sales = _sum_sales(sales)
-    tables = {"sales": sales, "keys": pd.concat([store_keys, item_keys], ignore_index=True),
+    tables = {SALES: sales, "keys": pd.concat([store_keys, item_keys], ignore_index=True),
               "items": pd.DataFrame({"item_nbr": np.unique(item_ids), "family": "UNKNOWN", "class": 0, "perishable": 0}),
               "stores": pd.DataFrame({"store_nbr": np.unique(store_ids), "city": "UNKNOWN", "state": "UNKNOWN",
                                       "type": "UNKNOWN", "cluster": 0})}

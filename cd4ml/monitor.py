@@ -11,6 +11,7 @@ import pandas as pd
 
 from .core import Cd4mlError
 from . import features
+from .datasets import SALES
 from .drift import drift_table
 from .metrics import mae, nwrmsle, perishable_weight
 from .registry import MODEL_NAME
@@ -128,7 +129,7 @@ def reference_features(data,                 # the champion's dataset (a `Datase
                        n_origins: int = 4,   # back-to-back forecasts before the dataset's end
                       ) -> pd.DataFrame:
     "`FEATURES`, unit_sales (and `prediction`) of the dataset's last `n_origins` forecasts of `horizon` periods."
-    sales = features.tables_of(data, ["sales"])["sales"]
+    sales = features.tables_of(data, [SALES])[SALES]
     step = features.period_of(features.freq_of(data)) * max(int(horizon), 1)
     origins = [sales.date.max() - step * k for k in range(1, n_origins + 1)]
     frame = features.training_frame(data, [o for o in origins if o >= sales.date.min()], max(int(horizon), 1))
@@ -138,7 +139,7 @@ def reference_features(data,                 # the champion's dataset (a `Datase
 def served_features(data, served: pd.DataFrame, version: str | None = None) -> pd.DataFrame:
     "The served answers of `version` (None: any) after the dataset's end: keys, prediction and the served `FEATURES`."
     if served.empty: return served.assign(**{f: pd.Series(dtype=float) for f in features.FEATURES})
-    sales = features.tables_of(data, ["sales"])["sales"]
+    sales = features.tables_of(data, [SALES])[SALES]
     origin = sales.date.max()
     answers = served[(served.role == "answer") & (served.date > origin)
                      & ((served.model_version == str(version)) if version is not None else True)]
@@ -303,13 +304,13 @@ def append_feedback(tables: dict[str, pd.DataFrame],   # the champion's dataset,
                     feedback: pd.DataFrame,             # `feedback_frame` of the feedback log
                    ) -> dict[str, pd.DataFrame]:
     "`tables` with the feedback rows after the sales' last day appended to `sales` (and `truth` dropped)."
-    sales, keys = tables["sales"], ["date", "store_nbr", "item_nbr"]
+    sales, keys = tables[SALES], ["date", "store_nbr", "item_nbr"]
     new = new_sales(sales, served, feedback)
     new["onpromotion"] = new.onpromotion.fillna(False).astype(bool)
     if new.empty:
         raise Cd4mlError(f"no feedback after the dataset's last day {sales.date.max().date()}: nothing new to train on")
     grown = pd.concat([sales, new.astype(sales.dtypes.to_dict())], ignore_index=True).sort_values(keys, kind="stable")
-    return {**{k: v for k, v in tables.items() if k != "truth"}, "sales": grown.reset_index(drop=True)}
+    return {**{k: v for k, v in tables.items() if k != "truth"}, SALES: grown.reset_index(drop=True)}
 
 # %% ../nbs/50_monitor.ipynb #5879cdd7
 def daily_accuracy(joined: pd.DataFrame) -> pd.DataFrame:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, workspace
+from .datasets import SALES
 from .gates import GateResult, checked_block, gate_table, gates_from_table, is_number
 from .registry import MODEL_NAME
 
@@ -107,7 +108,7 @@ def smoke_rows(ds,                # the dataset the version was trained on (`cd4
     "`n` request rows (`contract.ROW_FIELDS`) of store-items that recently sold, on days the version forecasts."
     from cd4ml.features import period_of
     rng = np.random.default_rng(seed)
-    sales, end = ds.table("sales"), pd.Timestamp(ds.meta["end"])
+    sales, end = ds.table(SALES), pd.Timestamp(ds.meta["end"])
     pairs = sales[sales.date > end - pd.Timedelta(days=28)][["store_nbr", "item_nbr"]].drop_duplicates().to_numpy()
     if not len(pairs):
         raise Cd4mlError(f"dataset {ds.version}: no sales in its last 28 days to build smoke-test rows from")

@@ -33,9 +33,9 @@ STALE = {"dataset.json": dataset_deleted}   # output file → check of a cached 
 # %% ../nbs/25_runs.ipynb #ccdf69fd
 def log_dataset_input(dataset: dict, folder: Path):
     "`dataset.json`: the run's dataset, as its MLflow dataset input and `cd4ml.dataset` tag."
-    from cd4ml.datasets import load_dataset
+    from cd4ml.datasets import SALES, load_dataset
     from cd4ml.tracking import log_dataset
-    log_dataset(load_dataset(dataset["version"]))
+    log_dataset(load_dataset(dataset["version"]), SALES)
 
 def log_run_metrics(metrics: dict, folder: Path):
     "`metrics.json` of a step that is not a candidate (the best model's, the baselines', the oracle's NWRMSLE)."

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core import Cd4mlError, hash_frame, home, write_json
-from .datasets import TABLES, Dataset, data_root, load_dataset, normalize, version_of_hashes
+from .datasets import SALES, TABLES, Dataset, data_root, load_dataset, normalize, version_of_hashes
 from .features import (family_weekday_partial, freq_of, lookback_start, origin_stats, period_of, pool_family_weekday,
                             repooled_family, series_key, training_frame, training_rows)
 
@@ -27,7 +27,7 @@ __all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'SHARE
            'shared_parts', 'shared_scratch', 'write_training_frame', 'check_engine', 'write_training_frames']
 
 # %% ../nbs/13_scale.ipynb #4bd2e5e4
-PARTITIONED = ("sales", "truth")   # the tables stored as parts; the others are small and broadcast
+PARTITIONED = (SALES, "truth")   # the tables stored as parts; the others are small and broadcast
 PART_ROWS = 2_000_000              # default: about this many sales rows per part
 
 def stores_per_part(rows_per_store: float, # sales rows of a typical store
@@ -52,12 +52,12 @@ class _PartWriter:
         for t in tables:
             (folder/t).mkdir(parents=True, exist_ok=True)
             self.writers[t] = [pq.ParquetWriter(folder/t/f"part-{i:05d}.parquet", self.schemas[t]) for i in range(n_parts)]
-        self.hash.update(json.dumps([[str(c), str(d)] for c, d in _empty("sales").dtypes.items()]).encode())  # as `hash_frame`
+        self.hash.update(json.dumps([[str(c), str(d)] for c, d in _empty(SALES).dtypes.items()]).encode())  # as `hash_frame`
 
     def write(self, name: str, chunk: pd.DataFrame, part: np.ndarray):
         "Append normalized `chunk` of table `name`, row i going to part `part[i]`."
         self.rows[name] += len(chunk)
-        if name == "sales" and len(chunk):
+        if name == SALES and len(chunk):
             self.hash.update(pd.util.hash_pandas_object(chunk, index=False).to_numpy().tobytes())
             self.dates += [chunk.date.min(), chunk.date.max()]
             self.stores.update(pd.unique(chunk.store_nbr).tolist()); self.items.update(pd.unique(chunk.item_nbr).tolist())
@@ -73,7 +73,7 @@ class _PartWriter:
 
     def facts(self) -> dict:
         "The `describe` facts of the sales streamed so far."
-        return {"rows": self.rows["sales"], "start": min(self.dates).date().isoformat() if self.dates else None,
+        return {"rows": self.rows[SALES], "start": min(self.dates).date().isoformat() if self.dates else None,
                 "end": max(self.dates).date().isoformat() if self.dates else None,
                 "stores": len(self.stores), "items": len(self.items)}
 
@@ -85,7 +85,7 @@ def write_first_sales(folder: Path):
     tmp = folder/f".{FIRST_SALE}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        for path in sorted((folder/"sales").glob("part-*.parquet")):
+        for path in sorted((folder/SALES).glob("part-*.parquet")):
             first = pq.read_table(path, columns=["store_nbr", "item_nbr", "date"]).group_by(["store_nbr", "item_nbr"]).aggregate([("date", "min")])
             first = pa.table({"store_nbr": first["store_nbr"], "item_nbr": first["item_nbr"], "date": first["date_min"]})
             pq.write_table(first.sort_by([("store_nbr", "ascending"), ("item_nbr", "ascending")]), tmp/path.name)
@@ -136,11 +136,11 @@ def generate_partitioned(part_rows: int = PART_ROWS,  # about this many sales ro
         writer, transactions = _PartWriter(tmp, n_parts), []
         try:
             for block in _blocks(world):
-                for name, raw in (("sales", block["train"]), ("truth", block["truth"])):
+                for name, raw in ((SALES, block["train"]), ("truth", block["truth"])):
                     chunk = normalize(name, _frame(raw))
                     writer.write(name, chunk, part_of(chunk.store_nbr.to_numpy(), all_stores, per_part))
                 transactions.append(_frame(block["transactions"]))
-                if on_progress: on_progress("sales", writer.rows["sales"])
+                if on_progress: on_progress(SALES, writer.rows[SALES])
         finally: writer.close()
         small = {("holidays" if k == "holidays_events" else k): v for k, v in _static_tables(world).items()}
         small["transactions"] = pd.concat(transactions, ignore_index=True)
@@ -153,7 +153,7 @@ def _finish(tmp: Path, writer: _PartWriter, small: dict, source: str, extra: dic
     "Write the small tables, hash everything into the version, install the parts."
     small = {name: normalize(name, df) for name, df in small.items()}
     for name, df in small.items(): df.to_parquet(tmp/f"{name}.parquet", index=False)
-    version = version_of_hashes({"sales": writer.hash.hexdigest(), **{n: hash_frame(df) for n, df in small.items()}})
+    version = version_of_hashes({SALES: writer.hash.hexdigest(), **{n: hash_frame(df) for n, df in small.items()}})
     counts = {**{n: len(df) for n, df in small.items()}, **writer.rows}
     meta = {"version": version, **writer.facts(), "tables": dict(sorted(counts.items())), "freq": "D", "source": source,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
@@ -165,7 +165,7 @@ def partition_dataset(ds: Dataset | str,          # a stored dataset (or its ver
                      ) -> Dataset:
     "`ds` with its `sales` and `truth` also stored as parts of whole stores (a no-op if they already are)."
     ds = load_dataset(ds) if isinstance(ds, str) else ds
-    if (ds.path/"sales").is_dir(): return ds
+    if (ds.path/SALES).is_dir(): return ds
     all_stores = np.sort(np.union1d(ds.table("stores").store_nbr.to_numpy(),
                                     pq.read_table(ds.path/"sales.parquet", columns=["store_nbr"]).column(0).unique().to_numpy()))
     per_part = stores_per_part(ds.meta["rows"] / max(len(all_stores), 1), part_rows)
@@ -187,7 +187,7 @@ def partition_dataset(ds: Dataset | str,          # a stored dataset (or its ver
 # %% ../nbs/13_scale.ipynb #ca9e73b3
 def daily_units(ds: Dataset) -> pd.Series:
     "Units sold per day over all stores and items, summed part by part."
-    per_part = [pd.read_parquet(p, columns=["date", "unit_sales"]).groupby("date").unit_sales.sum() for p in ds.parts("sales")]
+    per_part = [pd.read_parquet(p, columns=["date", "unit_sales"]).groupby("date").unit_sales.sum() for p in ds.parts(SALES)]
     return pd.concat(per_part).groupby(level=0).sum()
 
 # %% ../nbs/13_scale.ipynb #7c9474a2
@@ -267,7 +267,7 @@ def local_folder(url: str) -> Path | None:
 # %% ../nbs/13_scale.ipynb #05ae0859
 def _part_files(ds: Dataset) -> list[tuple]:
     "(sales, truth or None, first sales) per part; the first sales are written first if the dataset predates them."
-    parts = ds.parts("sales")
+    parts = ds.parts(SALES)
     if FIRST_SALE not in ds: write_first_sales(ds.path)
     truths = ds.parts("truth") if "truth" in ds else [None] * len(parts)
     firsts = ds.parts(FIRST_SALE)
@@ -314,7 +314,7 @@ def _part_window(small: dict, sales: str, truth: str | None, origins: list, hori
     "One part's tables in the window its origins read: sales from the lookback start to the last target, truth of the targets."
     step = period_of(small["meta"]["freq"])
     start, last = lookback_start(origins[0], step), origins[-1] + step * horizon
-    out = {**small, "sales": pd.read_parquet(sales, filters=[("date", ">=", start), ("date", "<=", last)])}
+    out = {**small, SALES: pd.read_parquet(sales, filters=[("date", ">=", start), ("date", "<=", last)])}
     if truth is not None: out["truth"] = pd.read_parquet(truth, filters=[("date", ">", origins[0]), ("date", "<=", last)])
     return out
 

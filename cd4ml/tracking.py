@@ -194,11 +194,12 @@ def lineage_tags(root: Path | str, # project folder (for git)
             "cd4ml.code_hash": code_hash, "cd4ml.spec_hash": spec_hash}
 
 # %% ../nbs/20_tracking.ipynb #3a16dd1e
-def log_dataset(ds, # a `cd4ml.datasets.Dataset`
+def log_dataset(ds,          # a `cd4ml.datasets.Dataset`
+                table: str,  # the table to sample (the dataset's main one, `cd4ml.datasets.SALES`)
                 context: str = "training", sample_rows: int = 1000):
     "Log `ds` as the active run's dataset input (digest = version) and tag the run with its version."
     import mlflow, pyarrow.parquet as pq
-    first = pq.ParquetFile(ds.parts("sales")[0])    # the sample from the first part: never the whole table (125 M rows)
+    first = pq.ParquetFile(ds.parts(table)[0])    # the sample from the first part: never the whole table (125 M rows)
     sample = next(first.iter_batches(batch_size=sample_rows), first.schema_arrow.empty_table()).to_pandas()
     dataset = mlflow.data.from_pandas(sample, source=str(ds.path), name=ds.version, digest=ds.version)
     mlflow.log_input(dataset, context=context)

@@ -14,7 +14,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from .core import Cd4mlError
-from .datasets import TABLES, Dataset
+from .datasets import SALES, TABLES, Dataset
 
 # %% auto #0
 __all__ = ['ISSUE_COLUMNS', 'BAD_ROW_MODES', 'TRUE_WORDS', 'FALSE_WORDS', 'NUMERIC_KINDS', 'KINDS', 'DATE_MIN', 'INT32_MAX',
@@ -292,7 +292,7 @@ def check_table(name: str,   # a table of `TABLES`
     nulls = [c for c in dtypes if c in nulls]
     out += [{"check": f"{name}: values", "passed": not bad, "detail": "; ".join(shown)},
             {"check": f"{name}: no missing values", "passed": not nulls, "detail": f"missing in {nulls}" if nulls else ""}]
-    if name in ("sales", "items", "stores", "transactions", "truth", "keys"):
+    if name in (SALES, "items", "stores", "transactions", "truth", "keys"):
         detail = f"{dups} repeated keys" if dups else f"store(s) {sorted(shared)[:5]} in more than one part" if shared else ""
         out.append({"check": f"{name}: unique {'/'.join(keys)}", "passed": not detail, "detail": detail})
     return out, facts
@@ -307,7 +307,7 @@ def check_dataset(ds: Dataset,
         if name not in ds: continue
         checks, facts = check_table(name, table_pieces(ds, name, by_part))
         results += checks
-        if name == "sales": sales = facts
+        if name == SALES: sales = facts
     add = lambda check, passed, detail="": results.append({"check": check, "passed": bool(passed), "detail": detail})
     for table, col in (("items", "item_nbr"), ("stores", "store_nbr")):
         if table in ds:

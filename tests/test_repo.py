@@ -1,5 +1,6 @@
 """Repository contracts: workflows are valid GitHub Actions, the Makefile has the targets the README promises, float sums
-are compared with a tolerance, modules stay small, and the pipeline runner depends on no domain module."""
+are compared with a tolerance, modules stay small, each fact has one source, and the pipeline runner depends on
+no domain module."""
 import ast, json, re, subprocess, sys
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def test_readme_states_the_two_commands():
 def test_makefile_targets():
     targets = set(re.findall(r"^([a-z-]+):", (ROOT/"Makefile").read_text(), re.M))
     assert {"install", "system-deps", "pipeline", "test", "lab", "ui", "export", "clean-nbs", "bench"} <= targets
+
+def test_make_test_prints_the_slowest_tests():
+    recipes = subprocess.run(["make", "-n", "nbtest", "pytest"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    assert "nbdev_test" in recipes and "--timing" in recipes          # each notebook's time, slowest first
+    assert re.search(r"pytest tests .*--durations=\d+", recipes)      # the slowest pytest tests
 
 FLOAT_REDUCTION = re.compile(r"\.(sum|mean)\(")
 
@@ -81,6 +88,44 @@ def test_no_module_is_too_long():
     long = {m: n for m, n in module_lines().items() if n > MAX_MODULE_LINES}
     assert not long, f"modules above {MAX_MODULE_LINES} lines (split each notebook into its concepts): {long}"
 
+
+# One source per fact: the sales table's name and the registered model's name are each defined once, as a named
+# constant that every module uses; no module sets the forecast horizon: it is read from the registered version.
+def grep_cd4ml(pattern: str) -> list[str]:
+    "`grep -n` over the package's modules: lines `cd4ml/file.py:line:text`."
+    out = subprocess.run(["grep", "-rn", "--include=*.py", "--exclude=_modidx.py", "-e", pattern, "cd4ml/"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode in (0, 1), out.stderr
+    return out.stdout.splitlines()
+
+def sales_definitions(lines: list[str]) -> tuple[dict, list]:
+    "Constants defined as `\"sales\"` (name → lines), and the lines using the literal otherwise."
+    defs, others = {}, []
+    for line in lines:
+        text = line.split(":", 2)[2]
+        if m := re.fullmatch(r'([A-Z_]+) = "sales"(\s*#.*)?', text): defs.setdefault(m[1], []).append(line)
+        elif "_rng(" not in text: others.append(line)   # generator keys name the draws, not the table or the model
+    return defs, others
+
+def horizon_settings(lines: list[str]) -> list[str]:
+    "Lines giving `max_horizon` a number."
+    return [l for l in lines if re.search(r"max_horizon\s*(:[^=#]*)?=\s*\d", l.split(":", 2)[2])]
+
+def test_the_fact_checks_catch_a_second_source():
+    defs, others = sales_definitions(['a.py:1:SALES = "sales"   # the table', 'b.py:2:MODEL_NAME = "sales"',
+                                      'c.py:3:MODEL_NAME = "sales"', 'd.py:4:    t = tables["sales"]',
+                                      'e.py:5:    rng = _rng(seed, "sales", 3)'])
+    assert {k: len(v) for k, v in defs.items()} == {"SALES": 1, "MODEL_NAME": 2}
+    assert others == ['d.py:4:    t = tables["sales"]']
+    assert horizon_settings(["a.py:1:    max_horizon: int = 16,", "b.py:2:f(max_horizon=7)",
+                             "c.py:3:    max_horizon: int | None = None", "d.py:4:if self.max_horizon < 1:"]) \
+        == ["a.py:1:    max_horizon: int = 16,", "b.py:2:f(max_horizon=7)"]
+
+def test_one_source_per_fact():
+    defs, others = sales_definitions(grep_cd4ml('"sales"'))
+    assert not others, f'name the table `datasets.SALES` and the model `registry.MODEL_NAME`, not "sales": {others}'
+    assert {k: len(v) for k, v in defs.items()} == {"SALES": 1, "MODEL_NAME": 1}, defs
+    assert not horizon_settings(grep_cd4ml("max_horizon")), "the horizon comes from the registered version"
 
 # The runner (spec in, executed notebooks and cache entries out) knows nothing of the forecasting domain: the domain
 # plugs in through hooks (cd4ml.runs) and named functions (cd4ml.spec.CONFIG_BLOCKS, PARAM_CHECKS).
