@@ -79,8 +79,10 @@ def test_no_drift_then_drift(served, later, cli):
     assert answer["rows"] == len(calm) == 1920
     assert answer["live"]["1"]["n"] == 1920 and answer["live"]["2"]["n"] == 1920      # champion answers, challenger in shadow
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
-    gauge = next(l for l in metrics.splitlines() if l.startswith("cd4ml_live_nwrmsle") and 'model_version="1"' in l)
-    assert abs(float(gauge.split()[-1]) - answer["live"]["1"]["nwrmsle"]) < 1e-9
+    sums = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()   # counters: no actual reposted yet
+            if line.startswith("cd4ml_live_") and 'model_version="1",change="added"' in line}
+    nwrmsle = (sums["cd4ml_live_weighted_sq_log_error_total"] / sums["cd4ml_live_weight_total"]) ** 0.5
+    assert abs(nwrmsle - answer["live"]["1"]["nwrmsle"]) < 1e-9 and sums["cd4ml_live_rows_total"] == 1920
 
     r = cli(served["env"], "monitor", "--json")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -3,7 +3,7 @@
 One server runs the champion (v1) with the challenger (v2) in shadow *and* on a 30 % canary, so every test
 below also checks routing: each row must equal the offline prediction of the version that answered it.
 """
-import subprocess, sys
+import math, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,6 +117,23 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served):
         assert (live[version]["n"], live[version]["roles"]) == (m["n"], m["roles"])
         assert abs(live[version]["nwrmsle"] - m["nwrmsle"]) <= 1e-9 * m["nwrmsle"] and abs(live[version]["mae"] - m["mae"]) <= 1e-9 * m["mae"]
     assert full["2"]["roles"] == ["answer", "shadow"] and full["1"]["n"] > 0 and full["2"]["n"] > full["1"]["n"]
+    counted = live_counters(httpx.get(f"{base}/metrics", timeout=30).text)      # what Prometheus adds up across pods
+    assert counted[("1", "removed")]["rows"] > 0 and counted[("2", "removed")]["rows"] > 0   # the 100 replaced actuals
+    for version, m in live.items():
+        net = {name: counted[(version, "added")][name] - counted[(version, "removed")][name] for name in counted[(version, "added")]}
+        assert net["rows"] == m["n"]
+        assert abs(math.sqrt(net["weighted_sq_log_error"] / net["weight"]) - m["nwrmsle"]) <= 1e-9
+        assert abs(net["abs_error"] / net["rows"] - m["mae"]) <= 1e-9
+
+def live_counters(metrics: str) -> dict:
+    "(model_version, change) -> {sum name: value} of the `cd4ml_live_*_total` counters in a /metrics page."
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("cd4ml_live_") and "_total{" in line:
+            name, labels = line.split("{")[0].removeprefix("cd4ml_live_").removesuffix("_total"), line.split("{")[1].split("}")[0]
+            tags = dict(kv.split("=") for kv in labels.split(","))
+            out.setdefault((tags["model_version"].strip('"'), tags["change"].strip('"')), {})[name] = float(line.split()[-1])
+    return out
 
 BAD = [  # (body or raw bytes, expected status, text the message must contain)
     ({"rows": []}, 400, "rows is empty"),
