@@ -9,7 +9,7 @@ __all__ = ['CONFIG', 'STATIC', 'PREDICTED_ROWS', 'LIVE', 'web', 'IN_FLIGHT', 'St
 
 # %% ../nbs/45_service.ipynb #8bedcd11
 import datetime as dt
-import json, threading, time
+import threading, time
 from collections import Counter
 
 import bentoml
@@ -23,6 +23,7 @@ from .bento import PACKAGE, load_from_bento, model_source
 from .contract import INT_RANGE, RequestError, Rows, check_known, check_rows, parse_columns, parse_feedback
 from .deployment import Deployment, ServeConfig, load_deployment
 from .batcher import MicroBatcher
+from .tokens import TokenGuard, load_tokens, send_json
 from .predlog import SUMS, LiveAccuracy, record_feedback, record_rejection, rejection_log
 
 # %% ../nbs/45_service.ipynb #48815c68
@@ -109,7 +110,7 @@ class RequestGuard:
         media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         media = media.decode(errors="replace")
         if media != "application/json":
-            return await _send_json(send, 415, {"error": f"Content-Type must be application/json; got {media!r}",
+            return await send_json(send, 415, {"error": f"Content-Type must be application/json; got {media!r}",
                                                 "field": "Content-Type", "value": media})
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
@@ -125,14 +126,8 @@ class RequestGuard:
                        send)
 
     async def _refuse(self, send, size: str):
-        await _send_json(send, 413, {"error": f"request body of {size} bytes is over the limit of {self.max_bytes} "
+        await send_json(send, 413, {"error": f"request body of {size} bytes is over the limit of {self.max_bytes} "
                                               f"bytes (CD4ML_MAX_BODY_BYTES)", "field": "body", "value": size})
-
-async def _send_json(send, status: int, body: dict):
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
 
 def _replay(messages, then=None):
     async def receive():
@@ -257,5 +252,6 @@ class Forecast:
                 "forecast": [{"date": d.date().isoformat(), "prediction": float(v)}
                              for d, v in zip(ahead.date, ahead.prediction)]}
 
+Forecast.add_asgi_middleware(TokenGuard, tokens=load_tokens(), protect_predict=CONFIG.protect_predict)  # first: outermost
 IN_FLIGHT = Counter()   # POST requests inside the service by path: the batcher waits for /predicts still being parsed
 Forecast.add_asgi_middleware(RequestGuard, max_bytes=CONFIG.max_body_bytes, in_flight=IN_FLIGHT)
