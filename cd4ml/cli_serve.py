@@ -30,19 +30,32 @@ def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to liste
                                                          "after the history end (default: the horizon the model was "
                                                          "trained for)."),
           max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Most rows per request (default 1000)."),
+          protect_predict: Optional[bool] = typer.Option(
+              None, "--protect-predict/--no-protect-predict",
+              help="Reads (/predict, /history, /info, /catalog) need an API token too, like writes (/feedback)."),
           ):
-    "Serve forecasts over HTTP: POST /predict, a web page at /, /livez, /readyz, /metrics, /docs.json."
+    """Serve forecasts over HTTP: POST /predict, a web page at /, /livez, /readyz, /metrics, /docs.json. POST /feedback
+    needs `Authorization: Bearer <token>` (CD4ML_API_TOKENS or CD4ML_API_TOKENS_FILE; with neither, a token file is
+    created in the workspace)."""
     from cd4ml.bento import server_env
     from cd4ml.deployment import ServeConfig, check_models
     from cd4ml.registry import MODEL_NAME
+    from cd4ml.tokens import TOKENS_FILE_ENV, workspace_tokens
     config = ServeConfig.from_env(model_version=model_version, shadow=shadow, canary_percent=canary_percent,
-                                  max_horizon=max_horizon, max_rows=max_rows)
+                                  max_horizon=max_horizon, max_rows=max_rows,
+                                  protect_predict=protect_predict)
     facts = check_models(config)
     challenger = f", challenger v{facts['challenger']}" if "challenger" in facts else ""
     print(f"cd4ml serve: {MODEL_NAME} v{facts['champion']}{challenger} (shadow={config.shadow}, "
           f"canary={config.canary_percent}%) on http://{host}:{port}/", file=sys.stderr, flush=True)
+    env, made = server_env(config), workspace_tokens()
+    if made:
+        path, created = made
+        env[TOKENS_FILE_ENV] = str(path)
+        print(f"cd4ml serve: API tokens {'created in' if created else 'from'} {path} (mode 0600; no CD4ML_API_TOKENS "
+              f"or CD4ML_API_TOKENS_FILE set): send one as 'Authorization: Bearer <token>'", file=sys.stderr, flush=True)
     argv = [sys.executable, "-m", "bentoml", "serve", "cd4ml.service:Forecast", "--host", host, "--port", str(port)]
-    os.execve(sys.executable, argv, server_env(config))
+    os.execve(sys.executable, argv, env)
 
 # %% ../nbs/47_cli_serve.ipynb #b2805f3e
 @cli_errors

@@ -52,6 +52,7 @@ class ServeConfig:
     log_max_bytes: int = 64 << 20      # the prediction log rotates past this size
     access_log: bool = False           # BentoML's access log line per request (costs ~10% of a single-row request)
     tracing: bool = False              # OpenTelemetry spans per request (needs a BentoML tracing exporter to be of use)
+    protect_predict: bool = False      # reads (/predict, /history, /info, /catalog) need an API token too (`tokens`)
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> ServeConfig:

@@ -15,8 +15,8 @@ from .core import workspace
 from .contract import RequestError, jsonable
 
 # %% auto #0
-__all__ = ['PredictionLog', 'read_log', 'feedback_log', 'rejection_log', 'read_feedback', 'read_rejections', 'record_feedback',
-           'record_rejection', 'LiveAccuracy']
+__all__ = ['SUMS', 'PredictionLog', 'read_log', 'feedback_log', 'rejection_log', 'read_feedback', 'read_rejections',
+           'record_feedback', 'record_rejection', 'LiveAccuracy']
 
 # %% ../nbs/42_predlog.ipynb #99ed2166
 class PredictionLog:
@@ -118,6 +118,8 @@ def record_rejection(error: RequestError, n_rows: int, log: PredictionLog | None
     (log or rejection_log()).append({"time": _now(), "status": error.status, "rows": n_rows, **error.to_json()})
 
 # %% ../nbs/42_predlog.ipynb #20342d2f
+SUMS = ("weight", "weighted_sq_log_error", "abs_error", "rows")   # the running sums of a version, in `totals`
+
 class LiveAccuracy:
     "Live NWRMSLE and MAE per model version as running sums over logged predictions joined to posted actuals."
     def __init__(self, items: pd.DataFrame | None = None):   # the catalog's items: perishable ones weigh 1.25
@@ -127,7 +129,9 @@ class LiveAccuracy:
             self._weight = dict(zip(items.item_nbr.astype("int64").tolist(), weights.tolist()))
         self._predictions: dict[tuple, dict[tuple, int]] = {}   # (date, store, item) -> {(version, role, value): n}
         self._actuals: dict[tuple, float] = {}                   # (date, store, item) -> the latest posted unit_sales
-        self._sums: dict[str, list] = {}                         # version -> [Σ w, Σ w·sq log error, Σ abs error, rows]
+        self._sums: dict[str, tuple[list, list]] = {}           # version -> (added, removed), each
+                                                                 #   [Σ w, Σ w·sq log error, Σ abs error, rows]
+        self.changes = 0                                         # contributions added or removed so far
         self._roles: dict[str, dict[str, int]] = {}              # version -> {role: rows with an actual}
         self._lock = threading.Lock()
 
@@ -171,17 +175,26 @@ class LiveAccuracy:
         "Add `n` copies (or take out, n < 0) of one prediction's contribution against `actual`."
         version, role, prediction = entry
         w, err = self._weight.get(item, 1.0), math.log1p(max(prediction, 0.0)) - math.log1p(max(actual, 0.0))
-        s = self._sums.setdefault(version, [0.0, 0.0, 0.0, 0])
-        s[0] += n * w
-        s[1] += n * w * err * err
-        s[2] += n * abs(prediction - actual)
-        s[3] += n
+        s = self._sums.setdefault(version, ([0.0, 0.0, 0.0, 0], [0.0, 0.0, 0.0, 0]))[n < 0]
+        k = abs(n)
+        s[0] += k * w
+        s[1] += k * w * err * err
+        s[2] += k * abs(prediction - actual)
+        s[3] += k
+        self.changes += 1
         roles = self._roles.setdefault(version, {})
         roles[role] = roles.get(role, 0) + n
+
+    def totals(self) -> dict:
+        "Per model version, each running sum as `{added, removed}`: only ever growing, like Prometheus counters."
+        with self._lock:
+            return {v: {name: {"added": a, "removed": r} for name, a, r in zip(SUMS, added, removed)}
+                    for v, (added, removed) in sorted(self._sums.items())}
 
     def metrics(self) -> dict:
         "Per model version with an actual: `nwrmsle`, `mae`, `n` and `roles`, as `monitor.live_metrics` gives them."
         with self._lock:
+            net = {v: [a - r for a, r in zip(*s)] for v, s in sorted(self._sums.items())}
             return {v: {"nwrmsle": math.sqrt(max(s[1], 0.0) / s[0]), "mae": max(s[2], 0.0) / s[3], "n": s[3],
                         "roles": sorted(r for r, n in self._roles[v].items() if n > 0)}
-                    for v, s in sorted(self._sums.items()) if s[3] > 0}
+                    for v, s in net.items() if s[3] > 0}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/48_release.ipynb #2bf51ee1
 from __future__ import annotations
-import os, shutil, signal, subprocess, sys, tempfile, time
+import os, secrets, shutil, signal, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,12 +170,14 @@ def bento_server(tag: str,                 # the Bento, exactly: e.g. cd4ml-fore
                  timeout: float = 120,     # seconds to wait for /readyz
                  port: int | None = None,  # the port to try first (default: a free one)
                  attempts: int = 3,        # ports tried when the one picked turns out taken
+                 token: str | None = None, # the server's one API token (named `release`); None: no writes
                 ):
     "Serve Bento `tag` on a free loopback port; yields `(base_url, startup_seconds)`; a `Cd4mlError` if never ready."
     if tag.partition(":")[2] in ("", "latest"): raise Cd4mlError(f"a release serves an exact Bento tag; got '{tag}'")
     scratch = Path(tempfile.mkdtemp(prefix="cd4ml-release-"))
     env = {**os.environ, "BENTOML_HOME": str(_own_home(scratch)), "BENTOML_DO_NOT_TRACK": "true",
-           "CD4ML_HOME": str(scratch)}
+           "CD4ML_HOME": str(scratch), "CD4ML_API_TOKENS": f"release:{token}" if token else ""}
+    env.pop("CD4ML_API_TOKENS_FILE", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     Path(log).write_text("")
     started, proc = time.perf_counter(), None
@@ -200,12 +202,19 @@ def bento_server(tag: str,                 # the Bento, exactly: e.g. cd4ml-fore
         shutil.rmtree(scratch, ignore_errors=True)
 
 # %% ../nbs/48_release.ipynb #4ec2d7a0
-def smoke(base: str, rows: pd.DataFrame, expected: np.ndarray, version: str) -> dict:
-    "GET /livez, /readyz and POST /predict `rows`: HTTP statuses, the largest gap to `expected` (or the refusal)."
+def smoke(base: str, rows: pd.DataFrame, expected: np.ndarray, version: str,
+          token: str,   # an API token of the server: POST /feedback needs one
+         ) -> dict:
+    """GET /livez, /readyz, POST /predict `rows` and POST /feedback (the `expected` units as actuals, with `token`):
+    HTTP statuses, the largest gap to `expected` (or the refusal)."""
     import httpx
     checks = {path: httpx.get(f"{base}{path}", timeout=30).status_code for path in ("/livez", "/readyz")}
     r = httpx.post(f"{base}/predict", json={"rows": as_request(rows)}, timeout=60)
     checks["/predict"] = r.status_code
+    actuals = [{**row, "unit_sales": float(units)} for row, units in zip(as_request(rows), expected)]
+    for row in actuals: del row["onpromotion"]
+    checks["/feedback"] = httpx.post(f"{base}/feedback", json={"rows": actuals}, timeout=60,
+                                     headers={"Authorization": f"Bearer {token}"}).status_code
     out = {"smoke": checks, "parity_rows": len(rows), "version": str(version), "parity_max_abs_diff": None}
     if r.status_code == 200:
         body = r.json()
@@ -267,10 +276,11 @@ def release_version(version: str,            # the registered version to release
         ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
         rows = smoke_rows(ds, registry.trained_horizon(registry.describe_version(version, name)), config["smoke_rows"])
         expected = offline_predictions(version, rows, name)
+        token = secrets.token_urlsafe(32)        # this server's only API token, never written down
         try:
-            with bento_server(bento, Path(out_dir)/"server.log", config["max_startup_s"]) as (base, startup):
+            with bento_server(bento, Path(out_dir)/"server.log", config["max_startup_s"], token=token) as (base, startup):
                 measured["startup_s"] = startup
-                measured.update(smoke(base, rows, expected, version))
+                measured.update(smoke(base, rows, expected, version, token))
                 measured.update(load_test(base, rows, config["requests"], config["concurrency"]))
         except Cd4mlError as e: measured["serve_error"] = str(e)
     timings["release_s"] = time.perf_counter() - t

@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['CONFIG', 'STATIC', 'PREDICTED_ROWS', 'LIVE', 'web', 'IN_FLIGHT', 'StoreItem', 'Row', 'PredictRequest', 'FeedbackRow',
-           'FeedbackRequest', 'FeedbackResponse', 'PredictResponse', 'RequestGuard', 'live_accuracy', 'Forecast']
+           'FeedbackRequest', 'FeedbackResponse', 'PredictResponse', 'RequestGuard', 'LiveCounters', 'live_accuracy',
+           'Forecast']
 
 # %% ../nbs/45_service.ipynb #8bedcd11
 import datetime as dt
-import json, time
+import threading, time
 from collections import Counter
 
 import bentoml
@@ -22,7 +23,8 @@ from .bento import PACKAGE, load_from_bento, model_source
 from .contract import INT_RANGE, RequestError, Rows, check_known, check_rows, parse_columns, parse_feedback
 from .deployment import Deployment, ServeConfig, load_deployment
 from .batcher import MicroBatcher
-from .predlog import LiveAccuracy, record_feedback, record_rejection, rejection_log
+from .tokens import TokenGuard, load_tokens, send_json
+from .predlog import SUMS, LiveAccuracy, record_feedback, record_rejection, rejection_log
 
 # %% ../nbs/45_service.ipynb #48815c68
 CONFIG = ServeConfig.from_env()
@@ -108,7 +110,7 @@ class RequestGuard:
         media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         media = media.decode(errors="replace")
         if media != "application/json":
-            return await _send_json(send, 415, {"error": f"Content-Type must be application/json; got {media!r}",
+            return await send_json(send, 415, {"error": f"Content-Type must be application/json; got {media!r}",
                                                 "field": "Content-Type", "value": media})
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
@@ -124,14 +126,8 @@ class RequestGuard:
                        send)
 
     async def _refuse(self, send, size: str):
-        await _send_json(send, 413, {"error": f"request body of {size} bytes is over the limit of {self.max_bytes} "
+        await send_json(send, 413, {"error": f"request body of {size} bytes is over the limit of {self.max_bytes} "
                                               f"bytes (CD4ML_MAX_BODY_BYTES)", "field": "body", "value": size})
-
-async def _send_json(send, status: int, body: dict):
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
 
 def _replay(messages, then=None):
     async def receive():
@@ -150,21 +146,35 @@ def _count(result: dict):
         shadow = result["shadow"]
         PREDICTED_ROWS.labels(model_version=shadow["model_version"], role="shadow").inc(len(shadow["predictions"]))
 
-LIVE = {name: bentoml.metrics.Gauge(name=f"cd4ml_live_{name}", labelnames=["model_version"], documentation=doc)
-        for name, doc in (("nwrmsle", "Live NWRMSLE of logged predictions against posted actuals, by model version"),
-                          ("mae", "Live mean absolute error of logged predictions against posted actuals, by model "
-                                  "version"),
-                          ("rows", "Logged predictions that have a posted actual, by model version"))}
+LIVE = {name: bentoml.metrics.Counter(name=f"cd4ml_live_{name}", labelnames=["model_version", "change"],
+                                      documentation=f"{doc} of logged predictions joined to posted actuals, by model "
+                                                    "version; change=removed: taken out when an actual was reposted")
+        for name, doc in (("weight", "Σ w (perishable items weigh 1.25)"),
+                          ("weighted_sq_log_error", "Σ w·(log1p prediction − log1p actual)²"),
+                          ("abs_error", "Σ |prediction − actual|"), ("rows", "Rows"))}
+assert tuple(LIVE) == SUMS
 
-def live_accuracy(deployment: Deployment) -> dict:
-    "Live metrics per version (`deployment.live`, read from the logs the first time); sets the `cd4ml_live_*` gauges."
+class LiveCounters:
+    "Exports a `LiveAccuracy`'s running sums as counters: `sync` adds to each what it grew by since the last call."
+    def __init__(self, counters: dict = LIVE):   # by sum name (`predlog.SUMS`): objects with `.labels(...).inc(n)`
+        self.counters, self.exported, self.seen, self._lock = counters, {}, None, threading.Lock()
+
+    def sync(self, live: LiveAccuracy) -> None:
+        with self._lock:
+            if live.changes == self.seen: return
+            self.seen = live.changes
+            for version, sums in live.totals().items():
+                for name, change, value in ((n, c, v) for n, s in sums.items() for c, v in s.items()):
+                    key, before = (version, name, change), self.exported.get((version, name, change), 0)
+                    if value > before: self.counters[name].labels(model_version=version, change=change).inc(value - before)
+                    self.exported[key] = value
+
+def live_accuracy(deployment: Deployment, counters: LiveCounters) -> dict:
+    "Live metrics per version (`deployment.live`, read from the logs the first time), its sums synced to `counters`."
     if deployment.live is None:
         deployment.live = LiveAccuracy.from_logs(deployment.log.folder, None, deployment.catalog.items)
-    live = deployment.live.metrics()
-    for version, m in live.items():
-        for name, key in (("nwrmsle", "nwrmsle"), ("mae", "mae"), ("rows", "n")):
-            LIVE[name].labels(model_version=version).set(m[key])
-    return live
+    counters.sync(deployment.live)
+    return deployment.live.metrics()
 
 # %% ../nbs/45_service.ipynb #7d2e9a46
 web = FastAPI(title="cd4ml web page", openapi_url=None, docs_url=None, redoc_url=None)
@@ -184,7 +194,8 @@ class Forecast:
         self.batcher = MicroBatcher(self.deployment.predict, max_rows=max(2000, self.config.max_rows),
                                     arriving=lambda: IN_FLIGHT["/predict"] - self.batcher.waiting)
         self.rejections = rejection_log(self.deployment.log.folder)
-        live_accuracy(self.deployment)
+        self.counters = LiveCounters()
+        live_accuracy(self.deployment, self.counters)
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
     async def predict(self, rows: Rows) -> PredictResponse:
@@ -196,7 +207,9 @@ class Forecast:
             return _error(e)
         result = await self.batcher.submit(rows)
         _count(result)
-        return PredictResponse(**self.deployment.respond(rows, result, started))
+        body = self.deployment.respond(rows, result, started)
+        self.counters.sync(self.deployment.live)            # rows asked again after their actual was posted
+        return PredictResponse(**body)
 
     @bentoml.api(route="/feedback", input_spec=FeedbackRequest, output_spec=FeedbackResponse)
     def feedback(self, rows: pd.DataFrame) -> FeedbackResponse:
@@ -204,7 +217,7 @@ class Forecast:
         try: frame = check_known(rows, self.deployment.catalog)   # parsed by `FeedbackRequest`
         except RequestError as e: return _error(e)
         recorded = record_feedback(frame, live=self.deployment.live)
-        return FeedbackResponse(**recorded, live=live_accuracy(self.deployment))
+        return FeedbackResponse(**recorded, live=live_accuracy(self.deployment, self.counters))
 
     @web.get("/")
     def page(self): return FileResponse(STATIC/"index.html")
@@ -239,5 +252,6 @@ class Forecast:
                 "forecast": [{"date": d.date().isoformat(), "prediction": float(v)}
                              for d, v in zip(ahead.date, ahead.prediction)]}
 
+Forecast.add_asgi_middleware(TokenGuard, tokens=load_tokens(), protect_predict=CONFIG.protect_predict)  # first: outermost
 IN_FLIGHT = Counter()   # POST requests inside the service by path: the batcher waits for /predicts still being parsed
 Forecast.add_asgi_middleware(RequestGuard, max_bytes=CONFIG.max_body_bytes, in_flight=IN_FLIGHT)

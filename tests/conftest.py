@@ -14,13 +14,15 @@ Ask for any of them by name:
   `running_server(home, ...)`: a server alone; `simulated_tables(...)`: hand-made data like the registry's.
 - `postgres`: a throwaway PostgreSQL cluster; `postgres.database(name)` is a new empty database's URI (session).
 - `browser`: a headless Chromium (Debian's, driven by playwright).
+- `api_token`: the API token every test server accepts (`.name`, `.token`, `.headers` to send); `serving` configures it
+  through CD4ML_API_TOKENS unless the test's `env` sets CD4ML_API_TOKENS (empty: none, as a new user has).
 - `free_port()`, `system_binary(name)`.
 
 Tests that need a system binary (Debian's chromium, PostgreSQL) ask for it through `system_binary`: when it is
 missing they are skipped locally — and the end of the run says so in capitals — but in CI (`CI=true`, after
 `make system-deps`) a missing binary is a failure, so CI can never go green by skipping them.
 """
-import glob, json, os, shutil, signal, subprocess, sys, time
+import glob, json, os, secrets, shutil, signal, subprocess, sys, time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import distributions
@@ -290,13 +292,21 @@ def build_registry(home: Path) -> dict:
         fitted[version] = model
     return {"dataset": ds, "models": fitted}
 
+API_TOKEN = SimpleNamespace(name="tests", token=secrets.token_urlsafe(32))
+API_TOKEN.headers = {"Authorization": f"Bearer {API_TOKEN.token}"}
+
+@pytest.fixture(scope="session")
+def api_token():
+    "The API token (`.name`, `.token`, `.headers`) of every server `serving` starts, unless its `env` says otherwise."
+    return API_TOKEN
+
 @contextmanager
 def serving(home: Path, *args: str, env: dict | None = None, command=None, timeout: float = 120):
     """`cd4ml serve ARGS` (or `command(port)`) on a free loopback port, in workspace `home`; yields its base URL once
     /readyz answers 200; stops its whole process group."""
     port = _stores.free_port()
     log = open(home/f"server-{port}.log", "w+")
-    full_env = {**Workspace(home).env, **(env or {})}
+    full_env = {**Workspace(home).env, "CD4ML_API_TOKENS": f"{API_TOKEN.name}:{API_TOKEN.token}", **(env or {})}
     argv = command(port) if command else [CD4ML, "serve", "--port", str(port), *args]
     proc = subprocess.Popen(argv, env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -328,14 +338,14 @@ def running_server():
 
 @pytest.fixture(scope="session")
 def served_registry(tmp_path_factory):
-    """`with served_registry(home, env=..., prepare=...) as served:` a registry in `home` (see `build_registry`) and
-    `cd4ml serve` on it with `env`; `served` holds `dataset`, `models`, `home`, `env` (for `cli`) and `base` (the
+    """`with served_registry(home, env=..., prepare=..., args=...) as served:` a registry in `home` (see `build_registry`)
+    and `cd4ml serve ARGS` on it with `env`; `served` holds `dataset`, `models`, `home`, `env` (for `cli`) and `base` (the
     server's URL). This process is on `home` meanwhile (CD4ML_HOME, MLflow). `prepare(facts)` may return more facts,
     before the server starts. The registry is built once per session and copied into each `home` (its store and
     datasets; the model files stay in the first, read-only): fitting and logging the models takes seconds."""
     built = {}
     @contextmanager
-    def served(home: Path, env: dict | None = None, prepare=None):
+    def served(home: Path, env: dict | None = None, prepare=None, args: tuple = ()):
         from cd4ml.datasets import load_dataset
         if not built:
             first = tmp_path_factory.mktemp("registry")/"cd4ml-home"
@@ -344,7 +354,7 @@ def served_registry(tmp_path_factory):
         with Workspace(home).in_process():
             facts = {"dataset": load_dataset(built["dataset"].version), "models": built["models"]}
             if prepare: facts.update(prepare(facts))
-            with serving(home, env=env) as base:
+            with serving(home, *args, env=env) as base:
                 yield {**facts, "home": home, "env": Workspace(home).env, "base": base}
     return served
 

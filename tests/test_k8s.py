@@ -29,7 +29,7 @@ def validate(doc: dict, version: str):
 
 def test_the_manifests_are_there():
     assert {p.name for p in MANIFESTS} >= {"deployment.yaml", "service.yaml", "hpa.yaml"}
-    assert set(documents()) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert set(documents()) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret"}
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -58,7 +58,14 @@ def test_the_manifests_fit_together_and_fit_the_bento():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": dep["apiVersion"], "kind": "Deployment", "name": dep["metadata"]["name"]}
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu" and c["resources"]["requests"]["cpu"]   # Utilization needs a request
     assert 1 <= pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]   # drains never block forever
-    env = {e["name"]: e["value"] for e in c["env"]}
+    secret, env = docs["Secret"], {e["name"]: e for e in c["env"]}
+    ref = env["CD4ML_API_TOKENS"]["valueFrom"]["secretKeyRef"]                 # the tokens come from the Secret
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    from cd4ml.core import Cd4mlError
+    from cd4ml.tokens import parse_tokens
+    with pytest.raises(Cd4mlError, match="at least 16"):                        # the placeholder cannot serve
+        parse_tokens(secret["stringData"][ref["key"]])
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     bento_env = {e["name"]: e["value"] for e in yaml.safe_load((ROOT/"bentofile.yaml").read_text())["envs"]}
     assert bento_env.items() <= env.items()                                 # the same settings the Bento image bakes in
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0  # a rollout never drops below the ready pods

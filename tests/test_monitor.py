@@ -53,34 +53,36 @@ def predict_all(base, rows):
         r = httpx.post(f"{base}/predict", json={"rows": as_request(rows.iloc[a:a + 500])}, timeout=60)
         assert r.status_code == 200, r.text
 
-def post_feedback(base, rows):
+def post_feedback(base, rows, headers):
     body = [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u)}
             for d, s, i, u in zip(rows.date, rows.store_nbr, rows.item_nbr, rows.unit_sales)]
-    r = httpx.post(f"{base}/feedback", json={"rows": body}, timeout=60)
+    r = httpx.post(f"{base}/feedback", json={"rows": body}, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
-def test_feedback_rejects_bad_rows(served):
+def test_feedback_rejects_bad_rows(served, api_token):
     base, row = served["base"], {"date": "2017-05-02", "store_nbr": 1, "item_nbr": 100, "unit_sales": 2.0}
     for change, field, status in [({"unit_sales": "two"}, "rows[1].unit_sales", 400), ({"date": "2017-02-30"}, "rows[1].date", 400),
                                   ({"store_nbr": 99}, "rows[1].store_nbr", 422), ({"item_nbr": 7}, "rows[1].item_nbr", 422)]:
-        r = httpx.post(f"{base}/feedback", json={"rows": [row, {**row, **change}]}, timeout=30)
+        r = httpx.post(f"{base}/feedback", json={"rows": [row, {**row, **change}]}, headers=api_token.headers, timeout=30)
         assert r.status_code == status, (change, r.status_code, r.text)
         assert field in r.text, r.text
     assert not (served["home"]/"feedback"/"feedback.jsonl").exists()        # nothing recorded from refused posts
 
-def test_no_drift_then_drift(served, later, cli):
+def test_no_drift_then_drift(served, later, cli, api_token):
     import mlflow
     from cd4ml.core import tracking_uri
     base, ds = served["base"], served["dataset"]
     calm = future(ds, later)
     predict_all(base, calm)
-    answer = post_feedback(base, calm)
+    answer = post_feedback(base, calm, api_token.headers)
     assert answer["rows"] == len(calm) == 1920
     assert answer["live"]["1"]["n"] == 1920 and answer["live"]["2"]["n"] == 1920      # champion answers, challenger in shadow
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
-    gauge = next(l for l in metrics.splitlines() if l.startswith("cd4ml_live_nwrmsle") and 'model_version="1"' in l)
-    assert abs(float(gauge.split()[-1]) - answer["live"]["1"]["nwrmsle"]) < 1e-9
+    sums = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()   # counters: no actual reposted yet
+            if line.startswith("cd4ml_live_") and 'model_version="1",change="added"' in line}
+    nwrmsle = (sums["cd4ml_live_weighted_sq_log_error_total"] / sums["cd4ml_live_weight_total"]) ** 0.5
+    assert abs(nwrmsle - answer["live"]["1"]["nwrmsle"]) < 1e-9 and sums["cd4ml_live_rows_total"] == 1920
 
     r = cli(served["env"], "monitor", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -98,7 +100,7 @@ def test_no_drift_then_drift(served, later, cli):
     assert len(runs) == 1 and abs(runs[0].data.metrics["live_nwrmsle_v1"] - live) < 1e-9
 
     shifted = future(ds, later, level=2.5)                 # demand jumps: the later post of each store-item-day wins
-    post_feedback(base, shifted)
+    post_feedback(base, shifted, api_token.headers)
     bad = httpx.post(f"{base}/predict", json={"rows": [{"date": calm.date[0].date().isoformat(), "store_nbr": 42, "item_nbr": 100,
                                                         "onpromotion": False}]}, timeout=30)
     assert bad.status_code == 422
@@ -157,7 +159,7 @@ def old_champion_nwrmsle(dataset_version: str, rows: pd.DataFrame) -> float:
     weight = perishable_weight(rows.item_nbr.map(data.table("items").set_index("item_nbr").perishable))
     return nwrmsle(rows.unit_sales, pred, weight)
 
-def test_drift_alert_then_retrain_promotes_a_better_model(new_workspace, cli, running_server):
+def test_drift_alert_then_retrain_promotes_a_better_model(new_workspace, cli, running_server, api_token):
     ws = new_workspace("retrain")
     home = ws.home
     with ws.in_process():
@@ -172,7 +174,7 @@ def test_drift_alert_then_retrain_promotes_a_better_model(new_workspace, cli, ru
         launched = sorted(set(drifted.item_nbr) - set(ds.table("items").item_nbr))
         drifted = drifted[~drifted.item_nbr.isin(launched)].reset_index(drop=True)
         with running_server(home, env={"CD4ML_MAX_HORIZON": str(REPORTED)}) as base:
-            predict_all(base, drifted); post_feedback(base, drifted)
+            predict_all(base, drifted); post_feedback(base, drifted, api_token.headers)
             for item in launched:
                 r = httpx.post(f"{base}/predict", json={"rows": [{"date": str((end + pd.Timedelta(days=1)).date()), "store_nbr": 1,
                                                                   "item_nbr": int(item), "onpromotion": False}]}, timeout=30)
@@ -205,7 +207,7 @@ def test_drift_alert_then_retrain_promotes_a_better_model(new_workspace, cli, ru
         later = later[~later.item_nbr.isin(launched)].reset_index(drop=True)
         with running_server(home, env={"CD4ML_MAX_HORIZON": str(LATER)}) as base:
             info = httpx.get(f"{base}/info", timeout=30).json()
-            predict_all(base, later); post_feedback(base, later)
+            predict_all(base, later); post_feedback(base, later, api_token.headers)
         r = cli(ws.env, "monitor", "--json", "--since", str(later.date.min().date()))
         after = json.loads(r.stdout)
         assert after["champion"] == "2" and after["dataset_version"] == grown.version, (after["champion"], info)

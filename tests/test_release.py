@@ -42,7 +42,7 @@ def test_release_serves_the_bento_then_promotes(default_run):
     assert (rel["status"], rel["version"], rel["promoted"], rel["champion"]) == ("passed", "1", True, "1")
     assert [(g["gate"], g["result"]) for g in rel["gates"]] == [
         ("max_startup_s", "pass"), ("smoke", "pass"), ("parity", "pass"), ("load_errors", "pass"), ("max_p99_ms", "pass")]
-    assert rel["smoke"] == {"/livez": 200, "/readyz": 200, "/predict": 200}
+    assert rel["smoke"] == {"/livez": 200, "/readyz": 200, "/predict": 200, "/feedback": 200}   # feedback with its own token
     m = rel["measured"]
     assert m["parity_rows"] == 20 and m["parity_max_abs_diff"] <= 1e-9 and m["versions_match"] is True
     assert m["requests"] == 200 and m["errors"] == 0 and 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"] and m["rps"] > 0

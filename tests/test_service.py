@@ -3,7 +3,7 @@
 One server runs the champion (v1) with the challenger (v2) in shadow *and* on a 30 % canary, so every test
 below also checks routing: each row must equal the offline prediction of the version that answered it.
 """
-import subprocess, sys
+import math, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def test_prediction_log_has_every_request_with_shadow(served):
     np.testing.assert_allclose(rec["shadow"]["predictions"], offline(served, "2", rows), rtol=0, atol=1e-9)
     assert 0 < rec["latency_ms"] < 60_000 and rec["time"].startswith("20")
 
-def test_feedback_live_accuracy_equals_the_monitor_recomputation(served):
+def test_feedback_live_accuracy_equals_the_monitor_recomputation(served, api_token):
     "/feedback answers from running sums (predlog.LiveAccuracy); they must equal cd4ml.monitor's recomputation from the logs."
     from cd4ml import monitor
     from cd4ml.predlog import read_feedback, read_log
@@ -102,10 +102,11 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served):
         return [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u),
                  **({"onpromotion": bool(p)} if promo else {})}
                 for d, s, i, u, p in zip(frame.date, frame.store_nbr, frame.item_nbr, units, frame.onpromotion)]
-    first = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[:200], np.arange(200) % 7)}, timeout=60)
+    first = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[:200], np.arange(200) % 7)}, headers=api_token.headers, timeout=60)
     assert first.status_code == 200, first.text
     assert post(base, as_request(rows.iloc[150:250])).status_code == 200        # asked again after their actuals
-    second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25, promo=True)}, timeout=60)
+    second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25, promo=True)},
+                        headers=api_token.headers, timeout=60)
     assert second.status_code == 200, second.text                                 # 100 actuals replaced
     assert read_feedback(home/"feedback")[-1]["rows"]["onpromotion"] == rows.onpromotion.iloc[100:300].tolist()   # kept for retraining
     live = second.json()["live"]
@@ -117,6 +118,23 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served):
         assert (live[version]["n"], live[version]["roles"]) == (m["n"], m["roles"])
         assert abs(live[version]["nwrmsle"] - m["nwrmsle"]) <= 1e-9 * m["nwrmsle"] and abs(live[version]["mae"] - m["mae"]) <= 1e-9 * m["mae"]
     assert full["2"]["roles"] == ["answer", "shadow"] and full["1"]["n"] > 0 and full["2"]["n"] > full["1"]["n"]
+    counted = live_counters(httpx.get(f"{base}/metrics", timeout=30).text)      # what Prometheus adds up across pods
+    assert counted[("1", "removed")]["rows"] > 0 and counted[("2", "removed")]["rows"] > 0   # the 100 replaced actuals
+    for version, m in live.items():
+        net = {name: counted[(version, "added")][name] - counted[(version, "removed")][name] for name in counted[(version, "added")]}
+        assert net["rows"] == m["n"]
+        assert abs(math.sqrt(net["weighted_sq_log_error"] / net["weight"]) - m["nwrmsle"]) <= 1e-9
+        assert abs(net["abs_error"] / net["rows"] - m["mae"]) <= 1e-9
+
+def live_counters(metrics: str) -> dict:
+    "(model_version, change) -> {sum name: value} of the `cd4ml_live_*_total` counters in a /metrics page."
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("cd4ml_live_") and "_total{" in line:
+            name, labels = line.split("{")[0].removeprefix("cd4ml_live_").removesuffix("_total"), line.split("{")[1].split("}")[0]
+            tags = dict(kv.split("=") for kv in labels.split(","))
+            out.setdefault((tags["model_version"].strip('"'), tags["change"].strip('"')), {})[name] = float(line.split()[-1])
+    return out
 
 BAD = [  # (body or raw bytes, expected status, text the message must contain)
     ({"rows": []}, 400, "rows is empty"),
@@ -171,13 +189,42 @@ def test_web_json_endpoints_and_bentoml_extras(served):
     assert "/predict" in paths and "requestBody" in paths["/predict"]["post"]
     assert "<svg" in httpx.get(f"{base}/").text and httpx.get(f"{base}/static/app.js").status_code == 200
 
-def test_fuzzing_the_openapi_finds_no_5xx(served):
+@pytest.mark.parametrize("with_token", [True, False], ids=["token", "no-token"])
+def test_fuzzing_every_route_of_the_openapi_finds_no_5xx(served, api_token, with_token):
+    paths = httpx.get(f"{served['base']}/docs.json").json()["paths"]
+    assert {"/predict", "/feedback", "/livez", "/readyz", "/metrics"} <= set(paths), sorted(paths)
+    header = ["--header", f"Authorization: Bearer {api_token.token}"] if with_token else []
     out = subprocess.run([str(Path(sys.executable).parent/"schemathesis"), "run", f"{served['base']}/docs.json",
                           "--checks", "not_a_server_error", "--max-examples", "30", "--phases", "examples,coverage,fuzzing",
-                          "--seed", "1", "--workers", "2", "--include-path", "/predict"],
-                         capture_output=True, text=True, timeout=300, cwd=served["home"])   # its .schemathesis cache too
+                          "--seed", "1", "--workers", "2", *header],
+                         capture_output=True, text=True, timeout=600, cwd=served["home"])   # its .schemathesis cache too
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert "/predict" in out.stdout
+    assert "/predict" in out.stdout and "/feedback" in out.stdout
+
+FEEDBACK = {"rows": [{"date": "2017-05-02", "store_nbr": 1, "item_nbr": 100, "unit_sales": 2.0}]}
+
+def test_feedback_needs_a_named_token(served, api_token):
+    "No token: 401 with WWW-Authenticate; a wrong one: 403; the right one: 200, its name (never the token) in the log."
+    base, wrong = served["base"], "not-the-token-" + api_token.token[:8]
+    bare = httpx.post(f"{base}/feedback", json=FEEDBACK, timeout=30)
+    assert bare.status_code == 401 and bare.headers["www-authenticate"].startswith("Bearer"), bare.text
+    assert "Authorization: Bearer" in bare.json()["error"]
+    assert httpx.post(f"{base}/feedback", json=FEEDBACK, headers={"Authorization": f"Basic {api_token.token}"}, timeout=30).status_code == 401
+    assert httpx.post(f"{base}/feedback", json=FEEDBACK, headers={"Authorization": f"Bearer {wrong}"}, timeout=30).status_code == 403
+    ok = httpx.post(f"{base}/feedback", json=FEEDBACK, headers=api_token.headers, timeout=30)
+    assert ok.status_code == 200 and ok.json()["rows"] == 1, ok.text
+    [log] = served["home"].glob("server-*.log")
+    text = log.read_text()
+    assert "POST /feedback by token 'tests'" in text and "refused POST /feedback" in text, text[-3000:]
+    assert api_token.token not in text and wrong not in text
+    for path in ("predictions", "feedback"):                     # nor anywhere in what the service wrote
+        assert not any(api_token.token in f.read_text() for f in (served["home"]/path).glob("*.jsonl"))
+
+def test_reads_and_the_page_need_no_token_by_default(served):
+    base = served["base"]
+    assert post(base, [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}]).status_code == 200
+    for path in ("/", "/static/app.js", "/catalog", "/info", "/history?store_nbr=1&item_nbr=100"):
+        assert httpx.get(f"{base}{path}", timeout=30).status_code == 200, path
 
 @pytest.mark.parametrize("content_type", ["multipart/form-data", "text/plain", "application/vnd.bentoml+pickle"])
 def test_non_json_body_is_a_415(served, content_type):

@@ -92,7 +92,7 @@ def test_weekly_predictions_equal_the_library(weekly):
     assert got.std() > 0 and set(r.json()["model_versions"]) == {"1"}
 
 
-def test_off_grid_and_beyond_horizon_are_refused_by_name(weekly):
+def test_off_grid_and_beyond_horizon_are_refused_by_name(weekly, api_token):
     end, base = weekly["end"], weekly["base"]
     row = {"store_nbr": 1, "item_nbr": int(weekly["later"].item_nbr.iloc[0]), "onpromotion": False}
     tuesday, monday = end + pd.Timedelta(days=8), end + pd.Timedelta(weeks=2)
@@ -103,7 +103,7 @@ def test_off_grid_and_beyond_horizon_are_refused_by_name(weekly):
     too_far = end + pd.Timedelta(weeks=HORIZON + 1)
     r = httpx.post(f"{base}/predict", json={"rows": [{**row, "date": str(too_far.date())}]}, timeout=30)
     assert r.status_code == 422 and f"max_horizon {HORIZON} weeks" in r.json()["error"], r.text
-    r = httpx.post(f"{base}/feedback", json={"rows": [{**row, "date": str(tuesday.date()), "unit_sales": 3.0}]}, timeout=30)
+    r = httpx.post(f"{base}/feedback", json={"rows": [{**row, "date": str(tuesday.date()), "unit_sales": 3.0}]}, headers=api_token.headers, timeout=30)
     assert r.status_code == 422 and "is not on the weekly grid (Mondays)" in r.json()["error"], r.text
 
 
@@ -139,13 +139,13 @@ def actuals(rows: pd.DataFrame, units) -> list[dict]:
             for d, s, i, u, p in zip(rows.date, rows.store_nbr, rows.item_nbr, units, rows.onpromotion)]
 
 
-def test_feedback_on_weekly_dates_shows_in_monitor(weekly, cli):
+def test_feedback_on_weekly_dates_shows_in_monitor(weekly, cli, api_token):
     from cd4ml.metrics import nwrmsle, perishable_weight
     from cd4ml.datasets import load_dataset
     rows = on_grid(weekly)
     reported = rows.merge(weekly["later"].rename(columns={"promo": "onpromotion"}), on=["date", "store_nbr", "item_nbr", "onpromotion"])
     assert len(reported) == len(rows)
-    r = httpx.post(f"{weekly['base']}/feedback", json={"rows": actuals(reported, reported.units)}, timeout=60)
+    r = httpx.post(f"{weekly['base']}/feedback", json={"rows": actuals(reported, reported.units)}, headers=api_token.headers, timeout=60)
     assert r.status_code == 200, r.text
     live = r.json()["live"]["1"]
     m = cli(weekly["env"], "monitor", "--json")
@@ -162,12 +162,12 @@ def test_feedback_on_weekly_dates_shows_in_monitor(weekly, cli):
     assert report["live"]["1"]["nwrmsle"] == pytest.approx(expected, rel=1e-9) == pytest.approx(live["nwrmsle"], rel=1e-9)
 
 
-def test_retrain_grows_the_weekly_dataset(weekly, cli):
+def test_retrain_grows_the_weekly_dataset(weekly, cli, api_token):
     "Demand triples in the reported weeks: monitoring alerts, and --retrain trains, releases and promotes a weekly model for 8 weeks."
     from cd4ml import registry
     rows = on_grid(weekly)
     reported = rows.merge(weekly["later"].rename(columns={"promo": "onpromotion"}), on=["date", "store_nbr", "item_nbr", "onpromotion"])
-    r = httpx.post(f"{weekly['base']}/feedback", json={"rows": actuals(reported, reported.units * 3)}, timeout=60)
+    r = httpx.post(f"{weekly['base']}/feedback", json={"rows": actuals(reported, reported.units * 3)}, headers=api_token.headers, timeout=60)
     assert r.status_code == 200, r.text
     m = cli(weekly["env"], "monitor", "--retrain", "-p", MODELS, "--json")
     assert m.returncode == 1 and m.stdout.startswith("{"), m.stderr[-3000:]
