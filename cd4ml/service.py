@@ -161,6 +161,7 @@ CACHE = {name: bentoml.metrics.Counter(name=f"cd4ml_answer_cache_{name}", labeln
 
 def count_cache(fc: Forecaster):
     "Count `fc`'s answer cache hits, misses and evictions on the `cd4ml_answer_cache_*` counters, labelled by version."
+    for counter in CACHE.values(): counter.labels(model_version=fc.version)    # listed at 0 from the start
     fc.cache.on_count = lambda event, n: CACHE[event].labels(model_version=fc.version).inc(n)
 
 LIVE = {name: bentoml.metrics.Gauge(name=f"cd4ml_live_{name}", labelnames=["model_version"], documentation=doc)

@@ -55,6 +55,70 @@ def test_served_equals_offline_over_1200_rows(served):
     assert bodies[0]["model_version"] == bodies[0]["model_versions"][0]          # a 1-row request names its version
     assert bodies[-1]["model_version"] == "mixed"
 
+CACHE_ROWS = 150
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A wider catalog: 20 stores x 200 items simulated (4,000 series, stored in parts as the dask engine stores them),
+    a ridge champion, served with an answer cache of CACHE_ROWS rows."""
+    import mlflow, mlflow.sklearn
+    from cd4ml import features, models
+    from cd4ml.core import tracking_uri
+    from cd4ml.scale import generate_partitioned
+    home = tmp_path_factory.mktemp("wide")/"cd4ml-home"
+    old = {k: os.environ.get(k) for k in ("CD4ML_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["CD4ML_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        ds = generate_partitioned(stores=20, items=200, days=130, start="2017-01-01", seed=3)
+        end = pd.Timestamp(ds.meta["end"])
+        model = models.fit(models.make_model("ridge"), features.training_frame(ds, [end - pd.Timedelta(days=16)], 16))
+        mlflow.set_tracking_uri(tracking_uri()); mlflow.set_registry_uri(tracking_uri())
+        client = mlflow.MlflowClient()
+        with mlflow.start_run(experiment_id=client.create_experiment("wide", artifact_location=(home/"artifacts").as_uri())):
+            mlflow.sklearn.log_model(model, name="model", registered_model_name="sales",
+                                     pip_requirements=["scikit-learn", "numpy", "pandas"])
+        for tag, value in (("dataset_version", ds.version), ("horizon", "16"), ("freq", "D")):
+            client.set_model_version_tag("sales", "1", tag, value)
+        client.set_registered_model_alias("sales", "champion", "1")
+    finally:                                       # the other tests' server and registry stay the process's
+        mlflow.set_tracking_uri(None); mlflow.set_registry_uri(None)
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+    with running_server(home, env={"CD4ML_CACHE_ROWS": str(CACHE_ROWS)}) as base:
+        yield {"dataset": ds, "model": model, "base": base}
+
+def cache_counts(base) -> dict:
+    "The answer cache's counters on /metrics, by event, for model version 1."
+    lines = httpx.get(f"{base}/metrics").text.splitlines()
+    return {event: float(next(l for l in lines if l.startswith(f'cd4ml_answer_cache_{event}_total{{model_version="1"}}')).split()[-1])
+            for event in ("hits", "misses", "evictions")}
+
+def test_random_rows_of_a_wide_catalog_equal_offline_cold_and_hot(wide):
+    "Rows no cache holds (store-items that never sold among them), then rows it does: all equal the offline prediction."
+    from cd4ml import features, models
+    ds, base = wide["dataset"], wide["base"]
+    sold = set(zip(ds.sales.store_nbr, ds.sales.item_nbr))
+    never = [(s, i) for s in ds.table("stores").store_nbr for i in ds.table("items").item_nbr if (s, i) not in sold][:5]
+    rows = pd.concat([request_rows(ds, 395, seed=4),
+                      request_rows(ds, 5, seed=5).assign(store_nbr=[s for s, _ in never], item_nbr=[i for _, i in never])])
+    rows = rows.drop_duplicates().reset_index(drop=True)
+    assert len(never) == 5 and rows.store_nbr.nunique() == 20 and rows.item_nbr.nunique() > 150
+    expected = models.predict(wide["model"], features.features_for(ds, rows, pd.Timestamp(ds.meta["end"])))
+    one = lambda i: post(base, as_json_rows(rows.iloc[[i]])).json()["predictions"][0]
+    n = len(rows)
+    with ThreadPoolExecutor(8) as pool: cold = list(pool.map(one, range(n - 100)))   # concurrent, micro-batched
+    cold += [one(i) for i in range(n - 100, n)]                                        # the last 100 in order
+    np.testing.assert_allclose(cold, expected, rtol=0, atol=1e-9)
+    assert cache_counts(base) == {"hits": 0, "misses": n, "evictions": n - CACHE_ROWS}
+    hot = post(base, as_json_rows(rows.iloc[n - 100:])).json()["predictions"]         # still among the last 150
+    np.testing.assert_allclose(hot, expected[n - 100:], rtol=0, atol=1e-9)
+    assert cache_counts(base) == {"hits": 100, "misses": n, "evictions": n - CACHE_ROWS}
+    again = post(base, as_json_rows(rows.iloc[:200])).json()["predictions"]           # evicted long ago: computed again
+    np.testing.assert_allclose(again, expected[:200], rtol=0, atol=1e-9)
+    assert cache_counts(base) == {"hits": 100, "misses": n + 200, "evictions": n + 200 - CACHE_ROWS}
+
 def test_canary_is_sticky_per_store_item(served):
     rows = request_rows(served["dataset"], 200, seed=5)
     first = post(served["base"], as_json_rows(rows)).json()["model_versions"]
@@ -147,6 +211,8 @@ def test_web_json_endpoints_and_bentoml_extras(served):
     assert len(h["actual"]) == 56 and h["actual"][-1] == {"date": "2017-04-30", "unit_sales": actual}
     rows = pd.DataFrame({"date": pd.date_range("2017-05-01", periods=16), "store_nbr": 2, "item_nbr": 104, "onpromotion": True})
     np.testing.assert_allclose([f["prediction"] for f in h["forecast"]], offline(served, "1", rows), rtol=0, atol=1e-9)
+    long = httpx.get(f"{base}/history", params={"store_nbr": 2, "item_nbr": 104, "days": 113})
+    assert long.status_code == 422 and long.json()["error"] == "days must be between 1 and 112; got 113"
     bad = httpx.get(f"{base}/history", params={"store_nbr": 2, "item_nbr": 9})
     assert bad.status_code == 422 and bad.json()["field"] == "item_nbr" and bad.json()["value"] == 9
     info = httpx.get(f"{base}/info").json()
@@ -158,6 +224,7 @@ def test_web_json_endpoints_and_bentoml_extras(served):
                if line.startswith("cd4ml_predicted_rows_total{")}
     assert counted['model_version="1",role="answer"'] > 0 and counted['model_version="2",role="answer"'] > 0
     assert counted['model_version="2",role="shadow"'] == counted['model_version="1",role="answer"'] + counted['model_version="2",role="answer"']
+    assert 'cd4ml_answer_cache_hits_total{model_version="2"}' in metrics and "cd4ml_answer_cache_evictions_total" in metrics
     paths = httpx.get(f"{base}/docs.json").json()["paths"]
     assert "/predict" in paths and "requestBody" in paths["/predict"]["post"]
     assert "<svg" in httpx.get(f"{base}/").text and httpx.get(f"{base}/static/app.js").status_code == 200
