@@ -18,8 +18,8 @@ from .registry import MODEL_NAME
 
 # %% auto #0
 __all__ = ['RELEASE_DEFAULTS', 'PARITY_TOLERANCE', 'release_config', 'latency_summary', 'gate_release', 'smoke_rows',
-           'catalog_rows', 'as_request', 'bento_server', 'smoke', 'load_test', 'offline_predictions', 'release_version',
-           'release', 'verdict']
+           'catalog_rows', 'as_request', 'bento_server', 'smoke', 'answer_cache_hits', 'load_test',
+           'offline_predictions', 'release_version', 'release', 'verdict']
 
 # %% ../nbs/48_release.ipynb #24d884cb
 RELEASE_DEFAULTS = {
@@ -231,11 +231,18 @@ def _refusal(r) -> str:
     try: return str(r.json()["error"])[:500]
     except (ValueError, KeyError, TypeError): return r.text[:500]
 
+def answer_cache_hits(metrics: str) -> float:
+    "Answers the service gave from its answer cache so far, over every model version: from its /metrics text."
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("cd4ml_answer_cache_hits_total"))
+
 def load_test(base: str, rows: pd.DataFrame, requests: int = 200, concurrency: int = 8) -> dict:
-    "`requests` single-row POST /predict of `rows` in turn, from `concurrency` clients: errors and latencies."
+    "`requests` single-row POST /predict of `rows` in turn, from `concurrency` clients: errors, latencies, cache hits."
     import httpx
     bodies = [{"rows": [r]} for r in as_request(rows)]
     with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        hits = lambda: answer_cache_hits(client.get(f"{base}/metrics").text)
+        before = hits()
         def one(i):
             t = time.perf_counter()
             try: ok = client.post(f"{base}/predict", json=bodies[i % len(bodies)]).status_code == 200
@@ -244,9 +251,10 @@ def load_test(base: str, rows: pd.DataFrame, requests: int = 200, concurrency: i
         t0 = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool: done = list(pool.map(one, range(requests)))
         wall = time.perf_counter() - t0
+        cache_hits = hits() - before
     seconds = [s for s, _ in done]
     return {**latency_summary(seconds, wall), "concurrency": concurrency, "errors": sum(not ok for _, ok in done),
-            "latencies_ms": [round(s * 1000, 3) for s in seconds]}
+            "cache_hits": int(cache_hits), "latencies_ms": [round(s * 1000, 3) for s in seconds]}
 
 # %% ../nbs/48_release.ipynb #45060735
 def offline_predictions(version: str, rows: pd.DataFrame, name: str) -> np.ndarray:
