@@ -41,10 +41,11 @@ def pinned_bentofile(spec: dict,   # bentofile.yaml, as read
 # %% ../nbs/46_bento.ipynb #b6d33381
 def import_champion(model_version: str | None = None,  # a registry version or alias; default the champion
                    ) -> dict:
-    "Import a registry version into the BentoML store as `BENTO_MODEL`, history and trained horizon included."
+    "Import a registry version into the BentoML store as `BENTO_MODEL`, its serving history and horizon included."
     import bentoml, mlflow
     from cd4ml.datasets import SALES, load_dataset
     from cd4ml.features import freq_of
+    from cd4ml.state import serving_history
     from cd4ml.registry import describe_version, trained_horizon
     from cd4ml.deployment import dataset_of, resolve_model
     os.environ["BENTOML_HOME"] = str(workspace("bentoml"))
@@ -52,14 +53,12 @@ def import_champion(model_version: str | None = None,  # a registry version or a
     mlflow.set_registry_uri(tracking_uri())
     mv = resolve_model(model_version)
     ds = load_dataset(dataset_of(mv))
-    tables = (SALES, "items", "stores", "holidays", "oil", "transactions")
-    history = {name: ds.table(name) for name in tables if name in ds}
     uri = f"models:/{MODEL_NAME}/{mv.version}"   # the number resolved above
     meta = {"version": str(mv.version), "run_id": mv.run_id, "model_uri": uri, "dataset_version": ds.version,
             "horizon": trained_horizon(describe_version(mv.version)), "freq": freq_of(ds)}
     model = bentoml.mlflow.import_model(BENTO_MODEL, model_uri=uri, metadata=meta,
                                         labels={"registry_version": str(mv.version), "dataset_version": ds.version},
-                                        custom_objects={"history": {**history, "meta": dict(ds.meta)}})
+                                        custom_objects={"history": serving_history(ds)})
     return {**meta, "bento_model": str(model.tag)}
 
 def build_bento(project: Path | str = ".",            # the folder with bentofile.yaml and the cd4ml package
@@ -96,7 +95,8 @@ def load_from_bento(config: ServeConfig, tag: str = PACKAGED) -> Deployment:
     info = dict(bento_model.info.metadata)
     model = mlflow.sklearn.load_model(bento_model.path_of("mlflow_model"))
     history = bento_model.custom_objects["history"]
-    fc = Forecaster(model, history, info["version"], config.max_horizon or int(info["horizon"]), info)
+    fc = Forecaster(model, history, info["version"], config.max_horizon or int(info["horizon"]), info,
+                    config.cache_rows)
     if config.shadow or config.canary_percent > 0:
         raise RuntimeError("shadow and canary need the registry's challenger; a Bento ships the champion only")
     return Deployment(fc, None, config)

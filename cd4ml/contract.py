@@ -47,19 +47,19 @@ def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstan
 
 def _as_date(v, where: str) -> np.datetime64:
     "A day as datetime64[ns], from an ISO string 'YYYY-MM-DD', a date or a midnight timestamp."
-    bad = RequestError(f"{where} must be a date 'YYYY-MM-DD'; got {v!r}", where, v)
+    bad = lambda: RequestError(f"{where} must be a date 'YYYY-MM-DD'; got {v!r}", where, v)   # built when refused
     try:
         if isinstance(v, str):
-            if not (len(v) == 10 and v[4] == v[7] == "-"): raise bad   # Python also reads 20170503 and 2017-W18-3
+            if not (len(v) == 10 and v[4] == v[7] == "-"): raise bad()   # Python also reads 20170503 and 2017-W18-3
             v = date.fromisoformat(v)
         if type(v) is date:   # the common case, without a Timestamp (a few microseconds a row)
             if 1678 < v.year < 2262: return np.datetime64(v, "D").astype("datetime64[ns]")
-            raise bad
+            raise bad()
         if isinstance(v, (pd.Timestamp, datetime, np.datetime64)) and not pd.isna(v):
             ts = pd.Timestamp(v)
             if ts == ts.normalize() and 1678 < ts.year < 2262: return np.datetime64(ts.date(), "ns")
-    except (ValueError, OverflowError): raise bad from None   # not a date, or beyond what datetime64[ns] holds
-    raise bad
+    except (ValueError, OverflowError): raise bad() from None   # not a date, or beyond what datetime64[ns] holds
+    raise bad()
 
 # %% ../nbs/40_contract.ipynb #7e3a1b55
 def _checked_rows(rows,               # a request's rows, as parsed from JSON
@@ -119,12 +119,14 @@ def parse_columns(rows,                 # request rows: a list of dicts (as JSON
     "Request rows as typed `Rows`; a `RequestError` naming the first bad field."
     if isinstance(rows, Rows): return rows
     if isinstance(rows, pd.DataFrame): rows = rows.to_dict("records")
-    dates, stores, items, promos = [], [], [], []
+    dates, stores, items, promos, days = [], [], [], [], {}   # days: each date string parsed once per request
     for i, row in _checked_rows(rows, ROW_FIELDS, max_rows):
         if not isinstance(row["onpromotion"], (bool, np.bool_)):
             raise RequestError(f"rows[{i}].onpromotion must be true or false; got {row['onpromotion']!r}",
                                f"rows[{i}].onpromotion", row["onpromotion"])
-        dates.append(_as_date(row["date"], f"rows[{i}].date"))
+        day = days[raw] if isinstance(raw := row["date"], str) and raw in days else _as_date(raw, f"rows[{i}].date")
+        if isinstance(raw, str): days[raw] = day
+        dates.append(day)
         stores.append(row["store_nbr"])
         items.append(row["item_nbr"])
         promos.append(bool(row["onpromotion"]))

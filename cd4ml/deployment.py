@@ -46,6 +46,7 @@ class ServeConfig:
     max_horizon: int | None = None     # furthest forecastable period after the history end (days, or weeks for
                                        # weekly data); None: the horizon the model was trained for (its `horizon` tag)
     max_rows: int = 1000               # most rows in one request
+    cache_rows: int = 500_000          # most answers each version keeps (LRU; ~150 bytes each; 0: none)
     max_body_bytes: int = 1 << 20      # largest request body accepted
     shadow: bool = False               # the challenger also predicts every request (logged, not returned)
     canary_percent: float = 0.0        # share of store-items (0-100) answered by the challenger
@@ -70,6 +71,7 @@ class ServeConfig:
         if self.max_horizon is not None and self.max_horizon < 1:
             raise Cd4mlError(f"max_horizon must be >= 1; got {self.max_horizon}")
         if self.max_rows < 1: raise Cd4mlError(f"max_rows must be >= 1; got {self.max_rows}")
+        if self.cache_rows < 0: raise Cd4mlError(f"cache_rows must be >= 0; got {self.cache_rows}")
         if not 0 <= self.canary_percent <= 100:
             raise Cd4mlError(f"canary_percent must be between 0 and 100; got {self.canary_percent}")
         return self
@@ -96,13 +98,10 @@ def route(frame,                 # typed rows: a frame or `Rows`
 class Deployment:
     "The champion, optionally a challenger (shadow and/or canary), the config and the prediction log."
     def __init__(self, champion: Forecaster, challenger: Forecaster | None = None,
-                 config: ServeConfig = ServeConfig(), log: PredictionLog | None = None,
-                 warm: bool = True):             # precompute features at start (see `Forecaster.warm`)
+                 config: ServeConfig = ServeConfig(), log: PredictionLog | None = None):
         if (config.shadow or config.canary_percent > 0) and challenger is None:
             raise Cd4mlError("shadow or canary needs a challenger: register one with the alias 'challenger'")
         self.champion, self.challenger, self.config = champion, challenger, config
-        for fc in (champion, challenger):
-            if fc is not None and warm: fc.warm()
         self.log = log if log is not None else PredictionLog(max_bytes=config.log_max_bytes)
         self.live: LiveAccuracy | None = None    # set by the service: kept up to date as requests are logged
 
@@ -193,12 +192,14 @@ def _run_tag(run_id: str, tag: str):
 
 def load_forecaster(model_version: str | int | None = None, # a version number or alias; default the champion
                     max_horizon: int | None = None,          # periods ahead to forecast; None: the trained horizon
-                    name: str = MODEL_NAME) -> Forecaster:
+                    name: str = MODEL_NAME,
+                    cache_rows: int = ServeConfig.cache_rows, # most answers kept (see `Forecaster`)
+                   ) -> Forecaster:
     "The `Forecaster` of a registered model version (default: the champion), with its dataset as history."
     import mlflow.sklearn
     from cd4ml.registry import describe_version, trained_horizon
     mv = resolve_model(model_version, name)
-    key = (tracking_uri(), name, mv.version, max_horizon)
+    key = (tracking_uri(), name, mv.version, max_horizon, cache_rows)
     if key not in _forecasters:
         ds, horizon = dataset_of(mv), trained_horizon(describe_version(mv.version, name))
         model = mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
@@ -207,14 +208,14 @@ def load_forecaster(model_version: str | int | None = None, # a version number o
                 "dataset_version": ds, "horizon": horizon, "freq": features.freq_of(data),
                 "git_sha": mv.tags.get("git_sha") or _run_tag(mv.run_id, "git_sha"),
                 "aliases": list(getattr(mv, "aliases", []) or [])}
-        _forecasters[key] = Forecaster(model, data, mv.version, max_horizon or horizon, info=info)
+        _forecasters[key] = Forecaster(model, data, mv.version, max_horizon or horizon, info, cache_rows)
     return _forecasters[key]
 
 def load_deployment(config: ServeConfig | None = None) -> Deployment:
     "Champion (or `config.model_version`) and, for shadow/canary, the `challenger`, from the registry."
     config = config or ServeConfig.from_env()
-    champion = load_forecaster(config.model_version, config.max_horizon)
-    challenger = (load_forecaster("challenger", config.max_horizon)
+    champion = load_forecaster(config.model_version, config.max_horizon, cache_rows=config.cache_rows)
+    challenger = (load_forecaster("challenger", config.max_horizon, cache_rows=config.cache_rows)
                   if config.shadow or config.canary_percent > 0 else None)
     return Deployment(champion, challenger, config)
 

@@ -19,14 +19,14 @@ from .registry import MODEL_NAME
 
 # %% auto #0
 __all__ = ['RELEASE_DEFAULTS', 'PARITY_TOLERANCE', 'release_config', 'latency_summary', 'gate_release', 'smoke_rows',
-           'as_request', 'bento_server', 'smoke', 'load_test', 'offline_predictions', 'release_version', 'release',
-           'verdict']
+           'catalog_rows', 'as_request', 'bento_server', 'smoke', 'answer_cache_hits', 'load_test',
+           'offline_predictions', 'release_version', 'release', 'verdict']
 
 # %% ../nbs/48_release.ipynb #24d884cb
 RELEASE_DEFAULTS = {
     "bento": True,          # build, serve and test the Bento; false: straight to the promotion decision (for tests
                             # that do not test the release)
-    "requests": 200,        # load test: this many single-row requests ...
+    "requests": 200,        # load test: this many single-row requests (random rows of the catalog) ...
     "concurrency": 8,       # ... sent by this many clients at once
     "max_p99_ms": 1000.0,   # gate: 99th percentile latency of the load test
     "max_startup_s": 120.0, # gate: seconds from `bentoml serve` to /readyz answering 200
@@ -80,7 +80,7 @@ def gate_release(measured: dict,  # build_error, startup_s, smoke (check → HTT
     diff, errors, p99 = measured.get("parity_max_abs_diff"), measured.get("errors"), measured.get("p99_ms")
     same_version = measured.get("versions_match", True)
     refusal = f": {measured['smoke_error']}" if measured.get("smoke_error") else ""
-    load = f"{measured.get('requests')} single-row requests"
+    load = f"{measured.get('requests')} single-row requests of random catalog rows"
     return [
         GateResult("max_startup_s", started, config["max_startup_s"],
                    started is not None and started <= config["max_startup_s"],
@@ -117,6 +117,19 @@ def smoke_rows(ds,                # the dataset the version was trained on (`cd4
     return pd.DataFrame({"date": (end + ahead).astype("datetime64[ns]"),
                          "store_nbr": picked[:, 0].astype("int64"), "item_nbr": picked[:, 1].astype("int64"),
                          "onpromotion": rng.random(n) < 0.3})
+
+def catalog_rows(ds,             # the dataset the version was trained on (`cd4ml.datasets.Dataset`)
+                 horizon: int,   # periods the version forecasts
+                 n: int = 200,   # rows
+                 seed: int = 1) -> pd.DataFrame:
+    "`n` request rows drawn uniformly over the catalog: any store, item, forecastable day and promotion."
+    from cd4ml.features import period_of
+    rng = np.random.default_rng(seed)
+    end = pd.Timestamp(ds.meta["end"])
+    stores, items = ds.table("stores").store_nbr.to_numpy(), ds.table("items").item_nbr.to_numpy()
+    ahead = period_of(ds.meta.get("freq", "D")) * rng.integers(1, horizon + 1, n)
+    return pd.DataFrame({"date": (end + ahead).astype("datetime64[ns]"), "store_nbr": rng.choice(stores, n).astype("int64"),
+                         "item_nbr": rng.choice(items, n).astype("int64"), "onpromotion": rng.random(n) < 0.5})
 
 def as_request(rows: pd.DataFrame) -> list[dict]:
     "Rows as the JSON the service takes."
@@ -228,23 +241,30 @@ def _refusal(r) -> str:
     try: return str(r.json()["error"])[:500]
     except (ValueError, KeyError, TypeError): return r.text[:500]
 
+def answer_cache_hits(metrics: str) -> float:
+    "Answers the service gave from its answer cache so far, over every model version: from its /metrics text."
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("cd4ml_answer_cache_hits_total"))
+
 def load_test(base: str, rows: pd.DataFrame, requests: int = 200, concurrency: int = 8) -> dict:
-    "`requests` single-row POST /predict from `concurrency` clients: error count, latency summary and each latency."
+    "`requests` single-row POST /predict of `rows` in turn, from `concurrency` clients: errors, latencies, cache hits."
     import httpx
     bodies = [{"rows": [r]} for r in as_request(rows)]
     with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        hits = lambda: answer_cache_hits(client.get(f"{base}/metrics").text)
+        before = hits()
         def one(i):
             t = time.perf_counter()
             try: ok = client.post(f"{base}/predict", json=bodies[i % len(bodies)]).status_code == 200
             except httpx.HTTPError: ok = False
             return time.perf_counter() - t, ok
-        client.post(f"{base}/predict", json=bodies[0])        # one warm-up request, not measured
         t0 = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool: done = list(pool.map(one, range(requests)))
         wall = time.perf_counter() - t0
+        cache_hits = hits() - before
     seconds = [s for s, _ in done]
     return {**latency_summary(seconds, wall), "concurrency": concurrency, "errors": sum(not ok for _, ok in done),
-            "latencies_ms": [round(s * 1000, 3) for s in seconds]}
+            "cache_hits": int(cache_hits), "latencies_ms": [round(s * 1000, 3) for s in seconds]}
 
 # %% ../nbs/48_release.ipynb #45060735
 def offline_predictions(version: str, rows: pd.DataFrame, name: str) -> np.ndarray:
@@ -274,14 +294,16 @@ def release_version(version: str,            # the registered version to release
     timings["build_s"] = time.perf_counter() - t
     if bento:
         ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
-        rows = smoke_rows(ds, registry.trained_horizon(registry.describe_version(version, name)), config["smoke_rows"])
+        horizon = registry.trained_horizon(registry.describe_version(version, name))
+        rows = smoke_rows(ds, horizon, config["smoke_rows"])
         expected = offline_predictions(version, rows, name)
         token = secrets.token_urlsafe(32)        # this server's only API token, never written down
         try:
             with bento_server(bento, Path(out_dir)/"server.log", config["max_startup_s"], token=token) as (base, startup):
                 measured["startup_s"] = startup
                 measured.update(smoke(base, rows, expected, version, token))
-                measured.update(load_test(base, rows, config["requests"], config["concurrency"]))
+                load = catalog_rows(ds, horizon, config["requests"])       # after the smoke request warmed the server
+                measured.update(load_test(base, load, config["requests"], config["concurrency"]))
         except Cd4mlError as e: measured["serve_error"] = str(e)
     timings["release_s"] = time.perf_counter() - t
     latencies = measured.pop("latencies_ms", [])

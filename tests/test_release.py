@@ -46,6 +46,7 @@ def test_release_serves_the_bento_then_promotes(default_run):
     m = rel["measured"]
     assert m["parity_rows"] == 20 and m["parity_max_abs_diff"] <= 1e-9 and m["versions_match"] is True
     assert m["requests"] == 200 and m["errors"] == 0 and 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"] and m["rps"] > 0
+    assert m["cache_hits"] < 20             # cold: rows of the whole catalog, not the smoke rows the server just answered
     assert 0 < m["startup_s"] <= 120 and rel["bento"].startswith("cd4ml-forecast:")
     print(f"release step timings: {m['build_s']:.1f} s build, {m['startup_s']:.1f} s to ready, {m['release_s']:.1f} s in all; "
           f"p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, {m['rps']:.0f} req/s")

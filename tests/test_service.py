@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cd4ml.release import as_request
+from cd4ml.release import as_request, catalog_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CANARY = 30
@@ -21,15 +21,6 @@ CANARY = 30
 def served(served_registry, tmp_path_factory):
     home = tmp_path_factory.mktemp("serve")/"cd4ml-home"
     with served_registry(home, env={"CD4ML_SHADOW": "1", "CD4ML_CANARY_PERCENT": str(CANARY)}) as served: yield served
-
-def request_rows(ds, n=1200, seed=1) -> pd.DataFrame:
-    "n random request rows over every store, item, forecastable day and both promotion states."
-    rng = np.random.default_rng(seed)
-    end = pd.Timestamp(ds.meta["end"])
-    stores, items = ds.table("stores").store_nbr.to_numpy(), ds.table("items").item_nbr.to_numpy()
-    return pd.DataFrame({"date": (end + pd.to_timedelta(rng.integers(1, 17, n), unit="D")).astype("datetime64[ns]"),
-                         "store_nbr": rng.choice(stores, n).astype("int64"), "item_nbr": rng.choice(items, n).astype("int64"),
-                         "onpromotion": rng.random(n) < 0.3})
 
 def offline(served, version, rows):
     "What training/evaluation code computes for `rows` with model `version`."
@@ -42,9 +33,9 @@ def post(base, rows, **kw):
 
 def test_served_equals_offline_over_1200_rows(served):
     from cd4ml.deployment import route
-    rows = request_rows(served["dataset"], 1200)
+    rows = catalog_rows(served["dataset"], 16, 1200)
     assert rows.store_nbr.nunique() == 4 and rows.item_nbr.nunique() == 30 and rows.date.nunique() == 16
-    assert 0.2 < rows.onpromotion.mean() < 0.4
+    assert 0.4 < rows.onpromotion.mean() < 0.6
     sizes = [1, 2, 7, 40, 150, 400, 600]                     # requests of many sizes, sent concurrently
     bounds = np.cumsum([0] + sizes); assert bounds[-1] == 1200
     chunks = [rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -64,8 +55,62 @@ def test_served_equals_offline_over_1200_rows(served):
     assert bodies[0]["model_version"] == bodies[0]["model_versions"][0]          # a 1-row request names its version
     assert bodies[-1]["model_version"] == "mixed"
 
+CACHE_ROWS = 150
+
+@pytest.fixture(scope="module")
+def wide(new_workspace, running_server):
+    """A wider catalog: 20 stores x 200 items simulated (4,000 series, stored in parts as the dask engine stores them),
+    a ridge champion, served with an answer cache of CACHE_ROWS rows."""
+    import mlflow, mlflow.sklearn
+    from cd4ml import features, models
+    from cd4ml.scale import generate_partitioned
+    ws = new_workspace("wide")
+    with ws.in_process():                          # the other tests' server and registry stay the process's after
+        ds = generate_partitioned(stores=20, items=200, days=130, start="2017-01-01", seed=3)
+        end = pd.Timestamp(ds.meta["end"])
+        model = models.fit(models.make_model("ridge"), features.training_frame(ds, [end - pd.Timedelta(days=16)], 16))
+        client = ws.client()
+        with mlflow.start_run(experiment_id=client.create_experiment("wide", artifact_location=(ws.home/"artifacts").as_uri())):
+            mlflow.sklearn.log_model(model, name="model", registered_model_name="sales",
+                                     pip_requirements=["scikit-learn", "numpy", "pandas"])
+        for tag, value in (("dataset_version", ds.version), ("horizon", "16"), ("freq", "D")):
+            client.set_model_version_tag("sales", "1", tag, value)
+        client.set_registered_model_alias("sales", "champion", "1")
+    with running_server(ws.home, env={"CD4ML_CACHE_ROWS": str(CACHE_ROWS)}) as base:
+        yield {"dataset": ds, "model": model, "base": base}
+
+def cache_counts(base) -> dict:
+    "The answer cache's counters on /metrics, by event, for model version 1."
+    lines = httpx.get(f"{base}/metrics").text.splitlines()
+    return {event: float(next(l for l in lines if l.startswith(f'cd4ml_answer_cache_{event}_total{{model_version="1"}}')).split()[-1])
+            for event in ("hits", "misses", "evictions")}
+
+def test_random_rows_of_a_wide_catalog_equal_offline_cold_and_hot(wide):
+    "Rows no cache holds (store-items that never sold among them), then rows it does: all equal the offline prediction."
+    from cd4ml import features, models
+    ds, base = wide["dataset"], wide["base"]
+    sold = set(zip(ds.sales.store_nbr, ds.sales.item_nbr))
+    never = [(s, i) for s in ds.table("stores").store_nbr for i in ds.table("items").item_nbr if (s, i) not in sold][:5]
+    rows = pd.concat([catalog_rows(ds, 16, 395, seed=4),
+                      catalog_rows(ds, 16, 5, seed=5).assign(store_nbr=[s for s, _ in never], item_nbr=[i for _, i in never])])
+    rows = rows.drop_duplicates().reset_index(drop=True)
+    assert len(never) == 5 and rows.store_nbr.nunique() == 20 and rows.item_nbr.nunique() > 150
+    expected = models.predict(wide["model"], features.features_for(ds, rows, pd.Timestamp(ds.meta["end"])))
+    one = lambda i: post(base, as_request(rows.iloc[[i]])).json()["predictions"][0]
+    n = len(rows)
+    with ThreadPoolExecutor(8) as pool: cold = list(pool.map(one, range(n - 100)))   # concurrent, micro-batched
+    cold += [one(i) for i in range(n - 100, n)]                                        # the last 100 in order
+    np.testing.assert_allclose(cold, expected, rtol=0, atol=1e-9)
+    assert cache_counts(base) == {"hits": 0, "misses": n, "evictions": n - CACHE_ROWS}
+    hot = post(base, as_request(rows.iloc[n - 100:])).json()["predictions"]         # still among the last 150
+    np.testing.assert_allclose(hot, expected[n - 100:], rtol=0, atol=1e-9)
+    assert cache_counts(base) == {"hits": 100, "misses": n, "evictions": n - CACHE_ROWS}
+    again = post(base, as_request(rows.iloc[:200])).json()["predictions"]           # evicted long ago: computed again
+    np.testing.assert_allclose(again, expected[:200], rtol=0, atol=1e-9)
+    assert cache_counts(base) == {"hits": 100, "misses": n + 200, "evictions": n + 200 - CACHE_ROWS}
+
 def test_canary_is_sticky_per_store_item(served):
-    rows = request_rows(served["dataset"], 200, seed=5)
+    rows = catalog_rows(served["dataset"], 16, 200, seed=5)
     first = post(served["base"], as_request(rows)).json()["model_versions"]
     again = post(served["base"], as_request(rows.iloc[::-1])).json()["model_versions"]
     assert first == again[::-1]
@@ -74,13 +119,13 @@ def test_canary_is_sticky_per_store_item(served):
 
 def test_embedded_predict_matches_the_service(served):
     from cd4ml import deployment
-    rows = request_rows(served["dataset"], 300, seed=9)
+    rows = catalog_rows(served["dataset"], 16, 300, seed=9)
     np.testing.assert_allclose(deployment.predict(rows), offline(served, "1", rows), rtol=0, atol=1e-9)
     np.testing.assert_allclose(deployment.predict(as_request(rows), model_version=2), offline(served, "2", rows), rtol=0, atol=1e-9)
 
 def test_prediction_log_has_every_request_with_shadow(served):
     from cd4ml.predlog import read_log
-    rows = request_rows(served["dataset"], 25, seed=3)
+    rows = catalog_rows(served["dataset"], 16, 25, seed=3)
     body = post(served["base"], as_request(rows)).json()
     logged = {r["request_id"]: r for r in read_log(served["home"]/"predictions")}
     rec = logged[body["request_id"]]
@@ -96,7 +141,7 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served, api_tok
     from cd4ml import monitor
     from cd4ml.predlog import read_feedback, read_log
     base, home = served["base"], served["home"]
-    rows = request_rows(served["dataset"], 300, seed=13)
+    rows = catalog_rows(served["dataset"], 16, 300, seed=13)
     assert post(base, as_request(rows)).status_code == 200
     def actuals(frame, units, promo=False):    # promo: also send the optional promotion flag
         return [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u),
@@ -174,6 +219,8 @@ def test_web_json_endpoints_and_bentoml_extras(served):
     assert len(h["actual"]) == 56 and h["actual"][-1] == {"date": "2017-04-30", "unit_sales": actual}
     rows = pd.DataFrame({"date": pd.date_range("2017-05-01", periods=16), "store_nbr": 2, "item_nbr": 104, "onpromotion": True})
     np.testing.assert_allclose([f["prediction"] for f in h["forecast"]], offline(served, "1", rows), rtol=0, atol=1e-9)
+    long = httpx.get(f"{base}/history", params={"store_nbr": 2, "item_nbr": 104, "days": 113})
+    assert long.status_code == 422 and long.json()["error"] == "days must be between 1 and 112; got 113"
     bad = httpx.get(f"{base}/history", params={"store_nbr": 2, "item_nbr": 9})
     assert bad.status_code == 422 and bad.json()["field"] == "item_nbr" and bad.json()["value"] == 9
     info = httpx.get(f"{base}/info").json()
@@ -185,6 +232,7 @@ def test_web_json_endpoints_and_bentoml_extras(served):
                if line.startswith("cd4ml_predicted_rows_total{")}
     assert counted['model_version="1",role="answer"'] > 0 and counted['model_version="2",role="answer"'] > 0
     assert counted['model_version="2",role="shadow"'] == counted['model_version="1",role="answer"'] + counted['model_version="2",role="answer"']
+    assert 'cd4ml_answer_cache_hits_total{model_version="2"}' in metrics and "cd4ml_answer_cache_evictions_total" in metrics
     paths = httpx.get(f"{base}/docs.json").json()["paths"]
     assert "/predict" in paths and "requestBody" in paths["/predict"]["post"]
     assert "<svg" in httpx.get(f"{base}/").text and httpx.get(f"{base}/static/app.js").status_code == 200
@@ -238,7 +286,7 @@ def test_bento_build_and_serve_behave_the_same(served, running_server):
     assert facts["version"] == "1" and facts["dataset_version"] == served["dataset"].version
     bento_dir = served["home"]/"bentoml"/"bentos"/"cd4ml-forecast"/facts["bento"].split(":")[1]
     assert (bento_dir/"env"/"docker"/"Dockerfile").exists() and (bento_dir/"src"/"cd4ml"/"static"/"app.js").exists()
-    rows = request_rows(served["dataset"], 60, seed=21)
+    rows = catalog_rows(served["dataset"], 16, 60, seed=21)
     serve = lambda port: [str(Path(sys.executable).parent/"bentoml"), "serve", facts["bento"], "--host", "127.0.0.1", "--port", str(port)]
     with running_server(served["home"], env={"BENTOML_HOME": str(served["home"]/"bentoml")}, command=serve, timeout=240) as base:
         assert httpx.get(f"{base}/info").json()["source"] == "bento"
