@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.base import BaseEstimator, RegressorMixin, clone
 from sklearn.compose import ColumnTransformer, TransformedTargetRegressor
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from sklearn.inspection import permutation_importance
@@ -21,8 +21,8 @@ from .core import Cd4mlError
 from .features import FEATURES, WINDOW_DAYS
 
 # %% auto #0
-__all__ = ['CATEGORICAL', 'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit', 'predict',
-           'feature_importance']
+__all__ = ['CATEGORICAL', 'LEVELS', 'LEVEL_REFERENCE', 'RELATIVE', 'FORGOTTEN', 'FeatureBaseline', 'MovingAverage',
+           'SeasonalNaive', 'make_model', 'fit', 'predict', 'LevelRelative', 'feature_importance']
 
 # %% ../nbs/12_models.ipynb #ef2dbaa7
 class FeatureBaseline(RegressorMixin, BaseEstimator):
@@ -60,6 +60,7 @@ class SeasonalNaive(FeatureBaseline):
 # %% ../nbs/12_models.ipynb #f1d1cc1c
 from .candidates import BASELINES, CANDIDATES   # the catalog: names and default params
 CATEGORICAL = ["dow", "family_code", "store_type_code"]   # one-hot encoded for linear models
+LEVELS = ("absolute", "relative")   # what a learned model sees: log1p(sales) as is, or relative to the recent level
 
 def _ridge(alpha):
     numeric = [f for f in FEATURES if f not in CATEGORICAL]
@@ -76,13 +77,16 @@ _BUILDERS = {"moving_average": MovingAverage, "seasonal_naive": SeasonalNaive, "
 
 def make_model(name: str,                 # one of `CANDIDATES`
                params: dict | None = None, # overrides of the candidate's default parameters
+               level: str = "absolute",    # 'relative': a learned model sees sales relative to each series' recent level (`LevelRelative`)
               ) -> TransformedTargetRegressor:
     "An unfitted candidate: an sklearn regressor that learns log1p(units) and predicts units."
     if name not in CANDIDATES: raise Cd4mlError(f"unknown model '{name}'; choose one of {list(CANDIDATES)}")
     unknown = [p for p in (params or {}) if p not in CANDIDATES[name]]
     if unknown: raise Cd4mlError(f"unknown parameter(s) {unknown} for model '{name}'; valid: {list(CANDIDATES[name])}")
     regressor = _BUILDERS[name](**{**CANDIDATES[name], **(params or {})})
+    if level not in LEVELS: raise Cd4mlError(f"level {level!r} is unknown; choose one of {list(LEVELS)}")
     if isinstance(regressor, FeatureBaseline): regressor.column()          # a bad window fails here, not at fit
+    elif level == "relative": regressor = LevelRelative(regressor)           # baselines stay what they are: yardsticks
     return TransformedTargetRegressor(regressor=regressor, func=np.log1p, inverse_func=np.expm1, check_inverse=False)
 
 # %% ../nbs/12_models.ipynb #f0f4ac4d
@@ -113,6 +117,36 @@ def predict(model: TransformedTargetRegressor, frame: pd.DataFrame) -> np.ndarra
     "Predicted units for each row of `frame`, never negative."
     with _one_thread():
         return np.clip(model.predict(frame[FEATURES]), 0, None)
+
+# %% ../nbs/12_models.ipynb #b351bd56
+LEVEL_REFERENCE = "mean_7d"   # a series' recent level: the last 7 days' mean log1p(sales)
+RELATIVE = ["lag_1", "last_same_dow", "dow_mean_4w", *[f"{s}_{d}d" for s in ("mean", "median") for d in WINDOW_DAYS if d <= 28],
+            "level_28d"]       # log1p-scale history features, measured from the reference
+FORGOTTEN = ["dow_mean_8w", *[f"{s}_{d}d" for s in ("mean", "median") for d in WINDOW_DAYS if d > 28],
+             "level_112d"]     # the windows over 28 days: left out (0)
+
+class LevelRelative(RegressorMixin, BaseEstimator):
+    "`regressor` learns log1p(units) minus the recent level from history features minus it; predicts log1p(units)."
+    def __init__(self, regressor=None): self.regressor = regressor
+
+    def _relative(self, X) -> tuple[pd.DataFrame, np.ndarray]:
+        X = X.copy() if hasattr(X, "columns") else pd.DataFrame(X, columns=FEATURES)
+        level = X[LEVEL_REFERENCE].to_numpy(dtype="float64")
+        X[RELATIVE] = X[RELATIVE].to_numpy() - level[:, None]
+        X[FORGOTTEN] = 0.0
+        return X, level
+
+    def fit(self, X, y, sample_weight=None):
+        X, level = self._relative(X)
+        name = _weight_param(self.regressor)
+        kwargs = {name: sample_weight} if name and sample_weight is not None else {}
+        self.regressor_ = clone(self.regressor).fit(X, np.asarray(y, dtype="float64") - level, **kwargs)
+        self.feature_names_in_, self.n_features_in_ = np.asarray(X.columns, dtype=object), X.shape[1]
+        return self
+
+    def predict(self, X):
+        X, level = self._relative(X)
+        return self.regressor_.predict(X) + level
 
 # %% ../nbs/12_models.ipynb #b15c0e75
 def _neg_log_rmse(estimator, X, y) -> float:

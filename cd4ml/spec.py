@@ -119,12 +119,17 @@ def spec_from_dict(raw: dict, path: Path | str) -> Spec:
     return Spec(path, params, models, steps, blocks)
 
 # %% ../nbs/21_spec.ipynb #e5b0d9a3
+class _DatesAsText(yaml.SafeLoader):
+    "YAML whose dates stay text: params reach the step notebooks as JSON (papermill), which has no dates."
+_DatesAsText.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+                                        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
 def load_spec(path: Path | str = "pipeline.yaml") -> Spec:
     "Read and validate the pipeline spec at `path`."
     path = Path(path)
     if not path.exists():
         raise Cd4mlError(f"{path}: pipeline spec not found (run from the project folder or pass the spec's path)")
-    try: raw = yaml.safe_load(path.read_text())
+    try: raw = yaml.load(path.read_text(), Loader=_DatesAsText)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -136,7 +141,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     "`'a.b=1'` → `(['a', 'b'], 1)`; the value is parsed as a YAML scalar."
     key, sep, value = text.partition("=")
     if not sep or not key.strip(): raise Cd4mlError(f"parameter override '{text}' is not key=value (e.g. -p days=90)")
-    try: parsed = yaml.safe_load(value) if value.strip() else None
+    try: parsed = yaml.load(value, Loader=_DatesAsText) if value.strip() else None
     except yaml.YAMLError: parsed = value
     return key.strip().split("."), parsed
 

@@ -218,3 +218,41 @@ def test_drift_alert_then_retrain_promotes_a_better_model(new_workspace, cli, ru
               f"new champion live {new_live['nwrmsle']:.4f} on them")
         assert new_live["nwrmsle"] < old_same_rows, (new_live, old_same_rows)
         assert new_live["nwrmsle"] < old_live, (new_live, old_live)
+
+
+# After a level shift (demand x2.5 from day 200 on), four weeks of new sales are enough for a retrain with
+# `-p training.level=relative` to beat the moving average and the old champion on the post-shift validation days, so
+# its gates promote it over the champion (ridge, trained before the shift); the same retrain without it is rejected
+# (3 stores x 8 items, seed 0, validation NWRMSLE: LightGBM 0.623, relative 0.519, moving average 0.557). bench/bench_recovery.py measures the weeks each `training` mechanism needs on the
+# weeks after the retrain. The retrain is the run `cd4ml monitor --retrain` launches on the grown dataset (its
+# monitoring half is tested above, release included in test_weekly.py); here the grown dataset is saved directly.
+# The relative model (a new kind of model to serve) goes through the release as `make pipeline` runs it.
+SHIFTED_WEEKS = 4
+SHIFT_RUN = ["-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
+             "-p", "models=lightgbm,moving_average"]   # LightGBM: the default data's best candidate
+
+def test_retrain_four_weeks_after_a_level_shift_promotes(new_workspace, cli):
+    from cd4ml.datasets import save_dataset
+    from cd4ml.simulate import simulate
+    ws = new_workspace("levelshift")
+    shift = START + pd.Timedelta(days=DAYS)
+    with ws.in_process():
+        sim = simulate(stores=3, items=8, days=DAYS + 7 * SHIFTED_WEEKS, start=str(START.date()), seed=0,
+                       drift=f"level=2.5@{shift.date()}")
+        tables = {"items": sim["items"], "stores": sim["stores"], "holidays": sim["holidays_events"], "oil": sim["oil"],
+                  "transactions": sim["transactions"]}
+        sales = sim["train"].drop(columns="id")
+        before = save_dataset({**tables, "sales": sales[sales.date < shift]}, source="tests level shift: before it")
+        after = save_dataset({**tables, "sales": sales}, source=f"tests level shift: {SHIFTED_WEEKS} weeks after it")
+    first = cli.json(ws.env, "run", "-p", f"dataset={before.version}", *RUN)   # v1: ridge, on the days before the shift
+    assert first["registered"]["aliases"] == ["champion"], first["gates"]
+    gates = lambda r: {g["gate"]: g for g in r.json["gates"]}
+    absolute = cli(ws.env, "run", "-p", f"dataset={after.version}", *SHIFT_RUN, "-p", "release.bento=false", "--json")
+    assert absolute.returncode == 2 and absolute.json["registered"] is None, absolute.stderr[-3000:]
+    assert gates(absolute)["min_improvement_vs_baseline"]["value"] < 0, gates(absolute)   # worse than the moving average
+    relative = cli(ws.env, "run", "-p", f"dataset={after.version}", *SHIFT_RUN, "-p", "training.level=relative", "--json")
+    assert relative.returncode == 0, relative.stderr[-3000:]
+    assert gates(relative)["min_improvement_vs_baseline"]["value"] >= 0.05, gates(relative)   # beats the moving average
+    assert gates(relative)["max_regression_vs_champion"]["value"] < 0, gates(relative)        # and the old champion
+    assert relative.json["registered"]["aliases"] == ["champion"] and relative.json["registered"]["version"] == "2"
+    assert relative.json["release"]["passed"] and relative.json["release"]["promoted"], relative.json["release"]
