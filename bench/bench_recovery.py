@@ -26,7 +26,7 @@ from cd4ml.core import Cd4mlError
 from cd4ml.features import forecast_origins, training_frame
 from cd4ml.metrics import nwrmsle
 from cd4ml.models import fit, make_model, predict
-from cd4ml.scale import training_set
+from cd4ml.models import training_set
 from cd4ml.simulate import simulate
 
 WEEKS = (1, 2, 3, 4, 6, 8, 13)       # post-shift weeks of data the retrain sees

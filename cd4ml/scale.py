@@ -19,14 +19,13 @@ from .core import Cd4mlError, hash_frame, home, write_json
 from .datasets import SALES, TABLES, Dataset, data_root, load_dataset, normalize, version_of_hashes
 from .features import (family_weekday_partial, freq_of, lookback_start, origin_stats, period_of, pool_family_weekday,
                             repooled_family, series_key, training_frame, training_rows)
-from .models import LEVEL_REFERENCE, LEVELS
+from .models import sampled, training_config
 
 # %% auto #0
-__all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'TRAINING_DEFAULTS', 'LEVEL_BREAK', 'SHARED_URL', 'ENGINES',
-           'stores_per_part', 'part_of', 'write_first_sales', 'first_sales', 'generate_partitioned',
-           'partition_dataset', 'daily_units', 'training_config', 'in_sample', 'sampled', 'level_breaks',
-           'training_set', 'dask_client', 'shared_url', 'url_fs', 'local_folder', 'shared_parts', 'shared_scratch',
-           'write_training_frame', 'check_engine', 'write_training_frames']
+__all__ = ['PARTITIONED', 'PART_ROWS', 'FIRST_SALE', 'SHARED_URL', 'ENGINES', 'stores_per_part', 'part_of', 'write_first_sales',
+           'first_sales', 'generate_partitioned', 'partition_dataset', 'daily_units', 'dask_client', 'shared_url',
+           'url_fs', 'local_folder', 'shared_parts', 'shared_scratch', 'write_training_frame', 'check_engine',
+           'write_training_frames']
 
 # %% ../nbs/13_scale.ipynb #4bd2e5e4
 PARTITIONED = (SALES, "truth")   # the tables stored as parts; the others are small and broadcast
@@ -191,80 +190,6 @@ def daily_units(ds: Dataset) -> pd.Series:
     "Units sold per day over all stores and items, summed part by part."
     per_part = [pd.read_parquet(p, columns=["date", "unit_sales"]).groupby("date").unit_sales.sum() for p in ds.parts(SALES)]
     return pd.concat(per_part).groupby(level=0).sum()
-
-# %% ../nbs/13_scale.ipynb #7c9474a2
-TRAINING_DEFAULTS = {"mode": "full", "sample_fraction": 0.25, "seed": 0,
-                     "since": None, "half_life": None, "level": "absolute"}   # see *Training after a change*
-
-def training_config(training: dict | None, # the spec's `training` block (None: defaults)
-                    where: str = "training", # for error messages
-                   ) -> dict:
-    "The `training` block checked and completed with `TRAINING_DEFAULTS`."
-    training = {**TRAINING_DEFAULTS, **(training or {})}
-    unknown = sorted(set(training) - set(TRAINING_DEFAULTS))
-    if unknown: raise Cd4mlError(f"{where}: unknown key(s) {unknown}; known: {sorted(TRAINING_DEFAULTS)}")
-    if training["mode"] not in ("full", "sample"):
-        raise Cd4mlError(f"{where}.mode = {training['mode']!r}; expected 'full' or 'sample'")
-    f = training["sample_fraction"]
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-        raise Cd4mlError(f"{where}.sample_fraction = {f!r}; expected a number in (0, 1]")
-    if isinstance(training["seed"], bool) or not isinstance(training["seed"], int):
-        raise Cd4mlError(f"{where}.seed = {training['seed']!r}; expected an integer")
-    return {**training, "since": _since(training["since"], where), **_recency(training, where)}
-
-def _since(since, where: str) -> str | None:
-    "`since` as an ISO date (YAML may give a date), or None."
-    if since is None: return None
-    try: return since.isoformat()[:10] if hasattr(since, "isoformat") else datetime.strptime(since, "%Y-%m-%d").date().isoformat()
-    except (TypeError, ValueError): raise Cd4mlError(f"{where}.since = {since!r}; expected a date YYYY-MM-DD (or null)") from None
-
-def _recency(training: dict, where: str) -> dict:
-    "`half_life` and `level`, checked."
-    h = training["half_life"]
-    if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0):
-        raise Cd4mlError(f"{where}.half_life = {h!r}; expected a number of days > 0 (or null)")
-    if training["level"] not in LEVELS:
-        raise Cd4mlError(f"{where}.level = {training['level']!r}; expected one of {list(LEVELS)}")
-    return {"half_life": h, "level": training["level"]}
-
-def in_sample(store_nbr, item_nbr, training: dict) -> np.ndarray:
-    "True for the rows of series in the training sample (all rows when `mode` is 'full')."
-    store_nbr = np.asarray(store_nbr, dtype="uint64")
-    if training["mode"] == "full": return np.ones(len(store_nbr), bool)
-    x = (store_nbr << np.uint64(32)) | np.asarray(item_nbr, dtype="uint64")
-    x = x ^ np.uint64(training["seed"] * 0x9E3779B97F4A7C15 % 2**64)
-    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):   # splitmix64's mixer
-        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
-    x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype("float64") / 2.0**53 < training["sample_fraction"]
-
-def sampled(frame: pd.DataFrame, training: dict | None) -> pd.DataFrame:
-    "The rows of `frame` in the training sample (`frame` itself in full mode)."
-    if training is None or training["mode"] == "full": return frame
-    return frame[in_sample(frame.store_nbr, frame.item_nbr, training)].reset_index(drop=True)
-
-# %% ../nbs/13_scale.ipynb #7d3d2487
-LEVEL_BREAK = np.log(1.5)   # an origin's mean gap (log1p scale) beyond this is a break
-
-def level_breaks(frame: pd.DataFrame) -> list:
-    "The origins of `frame` whose targets, or whose last 7 days, lie on average more than ×1.5 off the level before them."
-    gaps = pd.DataFrame({"targets": np.log1p(frame.unit_sales.clip(lower=0)) - frame[LEVEL_REFERENCE],
-                         "last_7_days": frame[LEVEL_REFERENCE] - frame["mean_28d"]}).groupby(frame.origin).mean()
-    return sorted(gaps.index[(gaps.abs() > LEVEL_BREAK).any(axis=1)])
-
-def training_set(frame: pd.DataFrame, # training rows (`training_frame`), origins and weights
-                 training: dict | None, # the spec's `training` block (see `training_config`)
-                ) -> pd.DataFrame:
-    "The rows the models learn from: origins from `since` on, none at a level break (`level: relative`), weights halving every `half_life` days of age."
-    training = training_config(training)
-    if training["since"]: frame = frame[frame.origin >= pd.Timestamp(training["since"])]
-    if training["level"] == "relative": frame = frame[~frame.origin.isin(level_breaks(frame))]
-    if not len(frame):
-        raise Cd4mlError(f"training.since = {training['since']!r} leaves no training origin (use an earlier date, or more data)")
-    if training["half_life"]:
-        age = (frame.origin.max() - frame.origin) / pd.Timedelta(days=1)
-        frame = frame.assign(weight=frame.weight * 0.5 ** (age / training["half_life"]))
-    return frame.reset_index(drop=True)
 
 # %% ../nbs/13_scale.ipynb #32a399a0
 @contextlib.contextmanager

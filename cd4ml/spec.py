@@ -33,7 +33,7 @@ CONFIG_BLOCKS = {   # block → the function (module.name, imported when used) t
     "acceptance": "cd4ml.gates.acceptance_config",   # the governance gates' thresholds
     "release": "cd4ml.release.release_config",       # the release step's load test and its gates
     "monitoring": "cd4ml.monitor.monitoring_block",  # the alerts of `cd4ml monitor`
-    "training": "cd4ml.scale.training_config",       # the rows the models train on (a param)
+    "training": "cd4ml.models.training_config",       # the rows the models train on (a param)
 }
 
 def _named(function: str):

@@ -21,16 +21,23 @@ warnings.filterwarnings("ignore", message="Hint: Inferred schema contains intege
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways", category=UserWarning)
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'DATABASE_SCHEMES', 'LOCK_URI', 'UNLOCKED', 'PINNED_PACKAGES', 'is_database_uri', 'open_store', 'setup',
-           'redact_uri', 'lock_uri', 'store_lock', 'access_errors', 'git_state', 'package_lock', 'package_lock_hash',
-           'recorded_lock', 'lineage_tags', 'log_dataset', 'pinned_requirements', 'skops_types', 'log_model']
+__all__ = ['EXPERIMENT', 'DATABASE_SCHEMES', 'LOGIN_REFUSED', 'LOCK_URI', 'UNLOCKED', 'PINNED_PACKAGES', 'is_database_uri',
+           'open_store', 'setup', 'redact_uri', 'lock_uri', 'store_lock', 'access_errors', 'git_state', 'package_lock',
+           'package_lock_hash', 'recorded_lock', 'lineage_tags', 'log_dataset', 'pinned_requirements', 'skops_types',
+           'log_model']
 
 # %% ../nbs/20_tracking.ipynb #63a76a2c
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
+def _scheme(uri: str) -> str: return uri.partition(":")[0].partition("+")[0].lower()
+
+def _with_driver(uri: str) -> str:
+    "A PostgreSQL URI for SQLAlchemy with psycopg 3 (`postgresql://` alone would ask for psycopg2, not installed)."
+    return uri if "+" in uri.partition(":")[0] else uri.replace("postgresql:", "postgresql+psycopg:", 1)
+
 def is_database_uri(uri: str) -> bool:
     "True for MLflow's database-backed stores: `sqlite:///…`, `postgresql+psycopg://…`, `mysql://…`, `mssql://…`."
-    return uri.partition(":")[0].partition("+")[0].lower() in DATABASE_SCHEMES
+    return _scheme(uri) in DATABASE_SCHEMES
 
 def open_store() -> str:
     "Point MLflow (tracking and registry) at the workspace's store, its schema created safely on first use; returns the URI."
@@ -38,8 +45,23 @@ def open_store() -> str:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")   # stdout stays clean for --json
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+    if _scheme(uri) == "postgresql": _check_login(uri)
     if is_database_uri(uri): _create_schema_once(uri)
     return uri
+
+LOGIN_REFUSED = ("28", "3D")   # SQLSTATE classes: invalid authorization (user, password), no such database
+
+def _check_login(uri: str):
+    """Fail at once, naming the store, when PostgreSQL refuses the login: MLflow retries every failed connection for
+    ~100 s, and no retry fixes a wrong password or database. An unreachable server is left to MLflow's retries."""
+    import sqlalchemy
+    engine = sqlalchemy.create_engine(_with_driver(uri), poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect(): pass
+    except sqlalchemy.exc.OperationalError as e:
+        if (getattr(e.orig, "sqlstate", None) or "")[:2] in LOGIN_REFUSED:
+            raise Cd4mlError(f"cannot open the tracking store {redact_uri(uri)}: {str(e.orig).strip().splitlines()[0]}") from None
+    finally: engine.dispose()
 
 def _create_schema_once(uri: str):
     """MLflow creates and migrates a database store when a process first opens it; several processes doing so at once
@@ -78,8 +100,6 @@ def redact_uri(uri: str) -> str:
 # %% ../nbs/20_tracking.ipynb #ad368487
 LOCK_URI = "CD4ML_LOCK_URI"    # through a tracking server: the PostgreSQL database that champion changes lock in
 
-def _scheme(uri: str) -> str: return uri.partition(":")[0].partition("+")[0].lower()
-
 def lock_uri() -> str:
     "Where `store_lock` locks: the store itself, or, through a tracking server (`http(s):`), the database in `CD4ML_LOCK_URI`."
     uri = tracking_uri()
@@ -113,9 +133,8 @@ def store_lock(name: str):  # what is locked, e.g. 'registry:sales'; one lock pe
 def _advisory_lock(uri: str, name: str):
     "A PostgreSQL advisory lock on `name`, held by one connection (released by the server if this process dies)."
     import sqlalchemy
-    url = uri if "+" in uri.partition(":")[0] else uri.replace("postgresql:", "postgresql+psycopg:", 1)
     key = int.from_bytes(bytes.fromhex(hash_bytes(name.encode())[:16]), "big", signed=True)
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(_with_driver(uri), poolclass=sqlalchemy.pool.NullPool)
     try:
         try: conn = engine.connect()
         except sqlalchemy.exc.OperationalError as e:
