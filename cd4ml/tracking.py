@@ -49,7 +49,8 @@ def open_store() -> str:
     if is_database_uri(uri): _create_schema_once(uri)
     return uri
 
-LOGIN_REFUSED = ("28", "3D")   # SQLSTATE classes: invalid authorization (user, password), no such database
+LOGIN_REFUSED = ("password authentication failed", "no password supplied", "no pg_hba.conf entry",
+                 "does not exist")   # libpq's messages: wrong password or none, host not allowed, no such role/database
 
 def _check_login(uri: str):
     """Fail at once, naming the store, when PostgreSQL refuses the login: MLflow retries every failed connection for
@@ -59,8 +60,9 @@ def _check_login(uri: str):
     try:
         with engine.connect(): pass
     except sqlalchemy.exc.OperationalError as e:
-        if (getattr(e.orig, "sqlstate", None) or "")[:2] in LOGIN_REFUSED:
-            raise Cd4mlError(f"cannot open the tracking store {redact_uri(uri)}: {str(e.orig).strip().splitlines()[0]}") from None
+        reason = str(e.orig).strip().splitlines()[0]     # a failed connection has no SQLSTATE: the message says why
+        if any(refusal in reason for refusal in LOGIN_REFUSED):
+            raise Cd4mlError(f"cannot open the tracking store {redact_uri(uri)}: {reason}") from None
     finally: engine.dispose()
 
 def _create_schema_once(uri: str):
