@@ -36,7 +36,8 @@ def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to liste
           ):
     """Serve forecasts over HTTP: POST /predict, a web page at /, /livez, /readyz, /metrics, /docs.json. POST /feedback
     needs `Authorization: Bearer <token>` (CD4ML_API_TOKENS or CD4ML_API_TOKENS_FILE; with neither, a token file is
-    created in the workspace)."""
+    created in the workspace). Predictions and feedback are logged to JSONL files in the workspace, or to the
+    PostgreSQL database in CD4ML_DB_URI (shared by every replica)."""
     from cd4ml.bento import server_env
     from cd4ml.deployment import ServeConfig, check_models
     from cd4ml.registry import MODEL_NAME
@@ -48,6 +49,9 @@ def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to liste
     challenger = f", challenger v{facts['challenger']}" if "challenger" in facts else ""
     print(f"cd4ml serve: {MODEL_NAME} v{facts['champion']}{challenger} (shadow={config.shadow}, "
           f"canary={config.canary_percent}%) on http://{host}:{port}/", file=sys.stderr, flush=True)
+    from cd4ml.predlog import open_store
+    with open_store(config) as store:                   # a database is reached (its tables made) before serving
+        print(f"cd4ml serve: logs to {store.check()}", file=sys.stderr, flush=True)
     env, made = server_env(config), workspace_tokens()
     if made:
         path, created = made

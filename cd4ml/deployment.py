@@ -15,7 +15,7 @@ from .core import Cd4mlError, tracking_uri
 from .datasets import load_dataset
 from .contract import Catalog, Rows, check_rows, parse_columns, parse_rows
 from .forecaster import Forecaster
-from .predlog import LiveAccuracy, PredictionLog
+from .predlog import STORE_DEFAULTS, LiveAccuracy, PredictionLog, open_store
 from .registry import MODEL_NAME
 from . import features
 
@@ -50,7 +50,12 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20      # largest request body accepted
     shadow: bool = False               # the challenger also predicts every request (logged, not returned)
     canary_percent: float = 0.0        # share of store-items (0-100) answered by the challenger
-    log_max_bytes: int = 64 << 20      # the prediction log rotates past this size
+    log_max_bytes: int = STORE_DEFAULTS["log_max_bytes"]    # JSONL logs: a file rotates past this size
+    log_keep_files: int = STORE_DEFAULTS["log_keep_files"]  # JSONL logs: most files kept per log (oldest deleted)
+    log_keep_bytes: int = STORE_DEFAULTS["log_keep_bytes"]  # JSONL logs: most bytes kept per log (oldest deleted)
+    db_flush_ms: int = STORE_DEFAULTS["db_flush_ms"]        # CD4ML_DB_URI set: logs written at least this often
+    db_flush_rows: int = STORE_DEFAULTS["db_flush_rows"]    # ... or as soon as this many records wait
+    db_buffer_rows: int = STORE_DEFAULTS["db_buffer_rows"]  # most records waiting; more are dropped (and counted)
     access_log: bool = False           # BentoML's access log line per request (costs ~10% of a single-row request)
     tracing: bool = False              # OpenTelemetry spans per request (needs a BentoML tracing exporter to be of use)
     protect_predict: bool = False      # reads (/predict, /history, /info, /catalog) need an API token too (`tokens`)
@@ -72,6 +77,8 @@ class ServeConfig:
             raise Cd4mlError(f"max_horizon must be >= 1; got {self.max_horizon}")
         if self.max_rows < 1: raise Cd4mlError(f"max_rows must be >= 1; got {self.max_rows}")
         if self.cache_rows < 0: raise Cd4mlError(f"cache_rows must be >= 0; got {self.cache_rows}")
+        for name in ("log_max_bytes", "log_keep_files", "log_keep_bytes", "db_flush_ms", "db_flush_rows", "db_buffer_rows"):
+            if getattr(self, name) < 1: raise Cd4mlError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0 <= self.canary_percent <= 100:
             raise Cd4mlError(f"canary_percent must be between 0 and 100; got {self.canary_percent}")
         return self
@@ -96,13 +103,13 @@ def route(frame,                 # typed rows: a frame or `Rows`
 
 # %% ../nbs/44_deployment.ipynb #ddef1217
 class Deployment:
-    "The champion, optionally a challenger (shadow and/or canary), the config and the prediction log."
+    "The champion, optionally a challenger (shadow and/or canary), the config and the prediction log (of a store)."
     def __init__(self, champion: Forecaster, challenger: Forecaster | None = None,
                  config: ServeConfig = ServeConfig(), log: PredictionLog | None = None):
         if (config.shadow or config.canary_percent > 0) and challenger is None:
             raise Cd4mlError("shadow or canary needs a challenger: register one with the alias 'challenger'")
         self.champion, self.challenger, self.config = champion, challenger, config
-        self.log = log if log is not None else PredictionLog(max_bytes=config.log_max_bytes)
+        self.log = log if log is not None else open_store(config).log("predictions")   # `.store`: the others
         self.live: LiveAccuracy | None = None    # set by the service: kept up to date as requests are logged
 
     @property

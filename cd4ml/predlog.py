@@ -4,29 +4,35 @@
 
 # %% ../nbs/42_predlog.ipynb #99a4d1c3
 from __future__ import annotations
-import fcntl, json, math, os, threading, uuid
+import atexit, fcntl, json, logging, math, os, re, threading, uuid
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .core import workspace
+from .core import Cd4mlError, workspace
 from .contract import RequestError, jsonable
 
 # %% auto #0
-__all__ = ['SUMS', 'PredictionLog', 'read_log', 'feedback_log', 'rejection_log', 'read_feedback', 'read_rejections',
-           'record_feedback', 'record_rejection', 'LiveAccuracy']
+__all__ = ['KINDS', 'STORE_DEFAULTS', 'DB_URI', 'DB_SCHEMA', 'SUMS', 'PredictionLog', 'JsonlStore', 'DbStore', 'check', 'append',
+           'flush', 'close', 'records', 'DbLog', 'open_store', 'store_of', 'read_log', 'feedback_log', 'rejection_log',
+           'read_feedback', 'read_rejections', 'record_feedback', 'record_rejection', 'LiveAccuracy']
 
 # %% ../nbs/42_predlog.ipynb #99ed2166
 class PredictionLog:
-    "Append-only JSONL log under `folder`, rotated by size: the prediction log, or (by `name`) another log kind."
+    "Append-only JSONL log under `folder`, rotated by size, oldest files deleted: one log kind of a `JsonlStore`."
     def __init__(self, folder: Path | str | None = None,  # default `CD4ML_HOME/predictions`
                  max_bytes: int = 64 << 20,               # the file rotates past this size
-                 name: str = "predictions.jsonl"):
+                 name: str = "predictions.jsonl",
+                 keep_files: int = 10,                    # most files kept, the current one included
+                 keep_bytes: int = 1 << 30,               # most bytes kept over all files (the current one always)
+                 store: JsonlStore | None = None):        # the store it belongs to; default the one of `folder`
         self.folder = Path(folder) if folder else workspace("predictions")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.path, self.max_bytes = self.folder/name, max_bytes
+        self.path, self.max_bytes, self.keep_files, self.keep_bytes = self.folder/name, max_bytes, keep_files, keep_bytes
+        self._store, self._options = store, (folder, max_bytes, keep_files, keep_bytes)
         self._lock, self._fd, self._lock_fd, self._inode = threading.Lock(), None, None, None
 
     def append(self, record: dict) -> None:
@@ -39,10 +45,18 @@ class PredictionLog:
                 try: st = os.stat(self.path)
                 except FileNotFoundError: st = None
                 if st is None or st.st_ino != self._inode or st.st_size + len(line) > self.max_bytes:
-                    if st is not None and st.st_size and st.st_size + len(line) > self.max_bytes: self._rotate()
+                    rotated = st is not None and st.st_size and st.st_size + len(line) > self.max_bytes
+                    if rotated: self._rotate()
                     self._open()
+                    if rotated: self._prune()
                 os.write(self._fd, line)
             finally: fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @property
+    def store(self) -> JsonlStore:
+        "The store this log belongs to: the logs of other kinds beside it."
+        if self._store is None: self._store = JsonlStore(*self._options)
+        return self._store
 
     def _open(self):
         "(Re)open the current file: at the first append, and after a rotation or removal by this or another process."
@@ -53,6 +67,14 @@ class PredictionLog:
     def _rotate(self):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         os.replace(self.path, self.path.with_name(f"{self.path.stem}-{stamp}{self.path.suffix}"))
+
+    def _prune(self):
+        "Delete the oldest files past `keep_files` or `keep_bytes` (the new current file counted as full; under the lock)."
+        files = self.files()
+        sizes = [p.stat().st_size for p in files[:-1]] + [self.max_bytes]
+        while len(files) > 1 and (len(files) > self.keep_files or sum(sizes) > self.keep_bytes):
+            files.pop(0).unlink(missing_ok=True)
+            sizes.pop(0)
 
     def close(self) -> None:
         with self._lock:
@@ -70,21 +92,248 @@ class PredictionLog:
         return rotated + ([self.path] if self.path.exists() else [])
 
     def records(self) -> list[dict]:
-        "Every record of this log, oldest first: the one reader of every log kind."
+        "Every record of this log, oldest first."
         return [json.loads(line) for p in self.files() for line in p.read_text().splitlines() if line]
 
-def read_log(folder: Path | str | None = None) -> list[dict]:
-    "Every logged request under `folder` (default `CD4ML_HOME/predictions`), oldest first."
-    return PredictionLog(folder).records()
-
 # %% ../nbs/42_predlog.ipynb #3b7c9e05
-def feedback_log(folder: Path | str | None = None) -> PredictionLog:
-    "The feedback log (`CD4ML_HOME/feedback/feedback.jsonl` by default)."
-    return PredictionLog(folder or workspace("feedback"), name="feedback.jsonl")
+KINDS = {"predictions": ("predictions", "predictions.jsonl"),   # log kind -> (workspace folder, JSONL file name)
+         "feedback": ("feedback", "feedback.jsonl"),
+         "rejections": ("predictions", "rejected.jsonl")}
+STORE_DEFAULTS = {"log_max_bytes": 64 << 20,   # JSONL: a file rotates past this size
+                  "log_keep_files": 10,        # JSONL: most files kept per log, the current one included
+                  "log_keep_bytes": 1 << 30,   # JSONL: most bytes kept per log
+                  "db_flush_ms": 200,          # database: the writer thread flushes at least this often
+                  "db_flush_rows": 500,        # database: ... and as soon as this many records wait
+                  "db_buffer_rows": 50_000}    # database: most records waiting; more are dropped (and counted)
 
-def rejection_log(folder: Path | str | None = None) -> PredictionLog:
-    "The log of refused requests (`CD4ML_HOME/predictions/rejected.jsonl` by default)."
-    return PredictionLog(folder or workspace("predictions"), name="rejected.jsonl")
+def _known(kind: str) -> str:
+    if kind not in KINDS: raise Cd4mlError(f"unknown log kind {kind!r}; expected one of {sorted(KINDS)}")
+    return kind
+
+class JsonlStore:
+    "The logs as JSONL files: in the workspace (`predictions/`, `feedback/`), or all three in `folder`."
+    def __init__(self, folder: Path | str | None = None,
+                 log_max_bytes: int = STORE_DEFAULTS["log_max_bytes"],
+                 log_keep_files: int = STORE_DEFAULTS["log_keep_files"],
+                 log_keep_bytes: int = STORE_DEFAULTS["log_keep_bytes"]):
+        self.folder = Path(folder) if folder else None
+        self.options = {"max_bytes": log_max_bytes, "keep_files": log_keep_files, "keep_bytes": log_keep_bytes}
+        self.dropped, self.on_drop, self._logs = Counter(), None, {}   # never drops: the same face as `DbStore`
+
+    def log(self, kind: str) -> PredictionLog:
+        "The log of `kind` (`KINDS`)."
+        if _known(kind) not in self._logs:
+            folder, name = KINDS[kind]
+            self._logs[kind] = PredictionLog(self.folder or workspace(folder), name=name, store=self, **self.options)
+        return self._logs[kind]
+
+    def describe(self) -> str: return f"JSONL files in {self.folder or workspace()}"
+    def check(self) -> str: return self.describe()
+    def close(self) -> None:
+        for log in self._logs.values(): log.close()
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+# %% ../nbs/42_predlog.ipynb #41a8ab19
+DB_URI, DB_SCHEMA = "CD4ML_DB_URI", "CD4ML_DB_SCHEMA"   # environment variables: the database and its schema
+_log = logging.getLogger("bentoml.cd4ml")                 # BentoML's handlers show it in the server log
+
+def _conninfo(uri: str) -> str:
+    "A libpq URI from a PostgreSQL URI in SQLAlchemy's spelling too (`postgresql+psycopg://` → `postgresql://`)."
+    from cd4ml.tracking import redact_uri
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.partition("+")[0].lower() not in ("postgresql", "postgres"):
+        raise Cd4mlError(f"{DB_URI} must be a PostgreSQL URI (postgresql://user:password@host:5432/db); "
+                         f"got {redact_uri(uri)!r}")
+    return "postgresql://" + rest
+
+class DbStore:
+    "The logs as tables of a PostgreSQL schema, written in batches by a background thread (see above)."
+    def __init__(self, uri: str,                 # PostgreSQL, libpq or SQLAlchemy spelling
+                 schema: str = "cd4ml_serving",
+                 db_flush_ms: int = STORE_DEFAULTS["db_flush_ms"],
+                 db_flush_rows: int = STORE_DEFAULTS["db_flush_rows"],
+                 db_buffer_rows: int = STORE_DEFAULTS["db_buffer_rows"]):
+        from psycopg.conninfo import conninfo_to_dict
+        from cd4ml.tracking import redact_uri
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+            raise Cd4mlError(f"{DB_SCHEMA} must be a lower-case SQL name (letters, digits, _); got {schema!r}")
+        self.conninfo, self.shown, self.schema = _conninfo(uri), redact_uri(uri), schema
+        self._password = conninfo_to_dict(self.conninfo).get("password")
+        self.flush_s, self.flush_rows, self.buffer_rows = db_flush_ms / 1000, db_flush_rows, db_buffer_rows
+        self.dropped, self.on_drop, self._logs = Counter(), None, {}
+        self._buffer: list[tuple[str, str]] = []       # (kind, record as JSON), oldest first
+        self._lock, self._db = threading.Lock(), threading.Lock()   # the buffer; the connection
+        self._wake, self._stop, self._thread, self._conn, self._failing = threading.Event(), threading.Event(), None, None, None
+
+    def log(self, kind: str) -> DbLog:
+        "The log of `kind` (`KINDS`)."
+        return self._logs.setdefault(_known(kind), DbLog(self, kind))
+
+    def describe(self) -> str: return f"{self.shown} (schema {self.schema})"
+
+    def _error(self, what: str, e: Exception) -> Cd4mlError:
+        "A one-line error about the database, never with its password."
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if self._password: msg = msg.replace(self._password, "***")
+        return Cd4mlError(f"cannot {what} the serving database {self.describe()}: {msg}")
+
+# %% ../nbs/42_predlog.ipynb #f14f43ff
+def _ident(store: DbStore, kind: str | None = None):
+    "The schema, or one of its tables, as a quoted SQL identifier."
+    from psycopg import sql
+    return sql.Identifier(store.schema, kind) if kind else sql.Identifier(store.schema)
+
+def _connect(self: DbStore):
+    "The open connection (made, and the schema and tables created if missing, on first use or after a failure)."
+    import psycopg
+    from psycopg import sql
+    if self._conn is not None and not self._conn.closed: return self._conn
+    try:
+        conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cd4ml tables {self.schema}",))
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_ident(self)))
+            for kind in KINDS:
+                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, logged_at timestamptz "
+                                     "NOT NULL DEFAULT now(), record jsonb NOT NULL)").format(_ident(self, kind)))
+    except psycopg.Error as e: raise self._error("connect to", e) from None
+    self._conn = conn
+    return conn
+
+def check(self: DbStore) -> str:
+    "Connect (creating the tables if missing) or raise a one-line `Cd4mlError`; what the store is."
+    with self._db: _connect(self)
+    return self.describe()
+
+DbStore._connect, DbStore.check = _connect, check
+
+# %% ../nbs/42_predlog.ipynb #f16fb6d3
+def append(self: DbStore, kind: str, record: dict) -> None:
+    "Queue `record` for the writer thread; never waits for the database. A full buffer drops it (counted)."
+    text = json.dumps(record, separators=(",", ":"), default=jsonable)
+    with self._lock:
+        if len(self._buffer) >= self.buffer_rows: return self._drop(kind, 1)
+        self._buffer.append((kind, text))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cd4ml-log-writer", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)
+        if len(self._buffer) >= self.flush_rows: self._wake.set()
+
+def _drop(self: DbStore, kind: str, n: int) -> None:
+    self.dropped[kind] += n
+    if self.on_drop: self.on_drop(kind, n)
+
+def flush(self: DbStore) -> int:
+    "Write every waiting record in one transaction; how many. On failure they wait again and a `Cd4mlError` says why."
+    import psycopg
+    from psycopg import sql
+    with self._db:
+        with self._lock: batch, self._buffer = self._buffer, []
+        if not batch: return 0
+        try:
+            conn = _connect(self)
+            with conn.transaction(), conn.cursor() as cur:
+                for kind in KINDS:
+                    texts = [(t,) for k, t in batch if k == kind]
+                    if texts: cur.executemany(sql.SQL("INSERT INTO {} (record) VALUES (%s::jsonb)")
+                                              .format(_ident(self, kind)), texts)
+        except (psycopg.Error, Cd4mlError) as e:
+            if self._conn is not None: self._conn.close()
+            self._conn = None
+            with self._lock:                                  # back in front of what came meanwhile, within the bound
+                waiting = batch + self._buffer
+                self._buffer = waiting[:self.buffer_rows]
+                for kind, n in Counter(k for k, _ in waiting[self.buffer_rows:]).items(): self._drop(kind, n)
+            raise e if isinstance(e, Cd4mlError) else self._error("write to", e) from None
+        return len(batch)
+
+def _run(self: DbStore) -> None:
+    "The writer thread: flush every `flush_s` or when woken; one log line when writing starts failing or works again."
+    while not self._stop.is_set():
+        self._wake.wait(self.flush_s)
+        self._wake.clear()
+        try: self.flush()
+        except Cd4mlError as e:
+            if self._failing != str(e): _log.warning(f"cd4ml: {e} (records wait in memory; retrying)")
+            self._failing = str(e)
+        else:
+            if self._failing: _log.warning(f"cd4ml: writing to the serving database {self.describe()} works again")
+            self._failing = None
+
+def close(self: DbStore) -> None:
+    "Stop the writer thread, write what waits (a failure: logged, and those records counted as dropped), disconnect."
+    self._stop.set()
+    self._wake.set()
+    if self._thread is not None and self._thread is not threading.current_thread(): self._thread.join()
+    try: self.flush()
+    except Cd4mlError as e:
+        _log.warning(f"cd4ml: {e}; {len(self._buffer)} records lost at shutdown")
+        with self._lock: waiting, self._buffer = self._buffer, []
+        for kind, n in Counter(k for k, _ in waiting).items(): self._drop(kind, n)
+    with self._db:
+        if self._conn is not None: self._conn.close()
+        self._conn = None
+
+def records(self: DbStore, kind: str) -> list[dict]:
+    "Every record of `kind`, by `time`, then as inserted; this process's waiting records are written first."
+    import psycopg
+    from psycopg import sql
+    self.flush()
+    with self._db:
+        try:
+            rows = _connect(self).execute(sql.SQL("SELECT record FROM {} ORDER BY record->>'time', id")
+                                          .format(_ident(self, _known(kind)))).fetchall()
+        except psycopg.Error as e:
+            self._conn = None
+            raise self._error("read from", e) from None
+    return [r[0] for r in rows]
+
+DbStore.append, DbStore._drop, DbStore.flush, DbStore._run, DbStore.close, DbStore.records = \
+    append, _drop, flush, _run, close, records
+DbStore.__enter__ = lambda self: self
+DbStore.__exit__ = lambda self, *exc: self.close()
+
+class DbLog:
+    "One log of a `DbStore`: `append` and `records`, like a `PredictionLog`."
+    def __init__(self, store: DbStore, kind: str): self.store, self.kind = store, kind
+    def append(self, record: dict) -> None: self.store.append(self.kind, record)
+    def records(self) -> list[dict]: return self.store.records(self.kind)
+    def close(self) -> None: pass
+
+# %% ../nbs/42_predlog.ipynb #ba6f930f
+def open_store(config=None,    # settings named as in `STORE_DEFAULTS` (a `ServeConfig`); missing ones: the defaults
+               environ=None,   # default `os.environ`: CD4ML_DB_URI, CD4ML_DB_SCHEMA
+              ) -> JsonlStore | DbStore:
+    "The store of the logs: PostgreSQL when CD4ML_DB_URI is set, else JSONL files in the workspace."
+    environ = os.environ if environ is None else environ
+    settings = {k: getattr(config, k, v) for k, v in STORE_DEFAULTS.items()}
+    if environ.get(DB_URI):
+        return DbStore(environ[DB_URI], environ.get(DB_SCHEMA) or "cd4ml_serving",
+                       **{k: v for k, v in settings.items() if k.startswith("db_")})
+    return JsonlStore(None, **{k: v for k, v in settings.items() if k.startswith("log_")})
+
+_readers: dict[tuple, JsonlStore | DbStore] = {}
+
+def store_of(folder: Path | str | None = None) -> JsonlStore | DbStore:
+    "The JSONL files in `folder`, or (None) this process's store for reading and recording (`open_store`, kept)."
+    if folder: return JsonlStore(folder)
+    key = (os.environ.get(DB_URI), os.environ.get(DB_SCHEMA), os.environ.get("CD4ML_HOME"))
+    if key not in _readers: _readers[key] = open_store()
+    return _readers[key]
+
+def read_log(folder: Path | str | None = None) -> list[dict]:
+    "Every logged request, oldest first: in `folder`'s JSONL files, or in the store (`store_of`)."
+    return store_of(folder).log("predictions").records()
+
+def feedback_log(folder: Path | str | None = None):
+    "The feedback log: in `folder`, or of the store (default `CD4ML_HOME/feedback/feedback.jsonl`)."
+    return store_of(folder).log("feedback")
+
+def rejection_log(folder: Path | str | None = None):
+    "The log of refused requests: in `folder`, or of the store (default `CD4ML_HOME/predictions/rejected.jsonl`)."
+    return store_of(folder).log("rejections")
 
 def read_feedback(folder: Path | str | None = None) -> list[dict]:
     "Every logged feedback post, oldest first."
@@ -136,13 +385,12 @@ class LiveAccuracy:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_logs(cls, predictions: Path | str | None = None,   # prediction log folder (`CD4ML_HOME/predictions`)
-                  feedback: Path | str | None = None,            # feedback log folder (`CD4ML_HOME/feedback`)
-                  items: pd.DataFrame | None = None) -> LiveAccuracy:
-        "The live accuracy of everything logged so far."
-        live = cls(items)
-        for record in read_log(predictions): live.add_predictions(record)
-        for record in read_feedback(feedback): live.add_feedback(record)
+    def from_store(cls, store: JsonlStore | DbStore | None = None,   # default this process's (`store_of`)
+                   items: pd.DataFrame | None = None) -> LiveAccuracy:
+        "The live accuracy of everything in the store's logs so far."
+        live, store = cls(items), store or store_of()
+        for record in store.log("predictions").records(): live.add_predictions(record)
+        for record in store.log("feedback").records(): live.add_feedback(record)
         return live
 
     def add_predictions(self, record: dict) -> None:

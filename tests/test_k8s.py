@@ -15,12 +15,22 @@ MANIFESTS = sorted((ROOT/"deploy"/"k8s").glob("*.yaml"))
 VERSIONS = ["1.30", latest_version()]          # an older cluster still in support, and the newest schemas we have
 
 
+def all_documents() -> list[dict]:
+    "Every YAML document in deploy/k8s/."
+    return [d for path in MANIFESTS for d in yaml.safe_load_all(path.read_text()) if d]
+
+
 def documents() -> dict[str, dict]:
-    "kind → manifest, over every YAML document in deploy/k8s/."
-    docs = [d for path in MANIFESTS for d in yaml.safe_load_all(path.read_text()) if d]
+    "kind → manifest, over every YAML document in deploy/k8s/ but the Secrets (`secrets()`)."
+    docs = [d for d in all_documents() if d["kind"] != "Secret"]
     kinds = [d["kind"] for d in docs]
     assert len(kinds) == len(set(kinds)), kinds
     return {d["kind"]: d for d in docs}
+
+
+def secrets() -> dict[str, dict]:
+    "name → Secret."
+    return {d["metadata"]["name"]: d for d in all_documents() if d["kind"] == "Secret"}
 
 
 def validate(doc: dict, version: str):
@@ -29,13 +39,14 @@ def validate(doc: dict, version: str):
 
 def test_the_manifests_are_there():
     assert {p.name for p in MANIFESTS} >= {"deployment.yaml", "service.yaml", "hpa.yaml"}
-    assert set(documents()) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret"}
+    assert set(documents()) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert set(secrets()) == {"cd4ml-api-tokens", "cd4ml-serving-db"}
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_manifest_matches_the_kubernetes_schema(version):
-    for kind, doc in documents().items():
-        assert validate(doc, version) == ".".join(version.split(".")[:2]), kind
+    for doc in all_documents():
+        assert validate(doc, version) == ".".join(version.split(".")[:2]), doc["metadata"]["name"]
 
 
 def container(deployment: dict) -> dict:
@@ -58,9 +69,15 @@ def test_the_manifests_fit_together_and_fit_the_bento():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": dep["apiVersion"], "kind": "Deployment", "name": dep["metadata"]["name"]}
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu" and c["resources"]["requests"]["cpu"]   # Utilization needs a request
     assert 1 <= pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]   # drains never block forever
-    secret, env = docs["Secret"], {e["name"]: e for e in c["env"]}
-    ref = env["CD4ML_API_TOKENS"]["valueFrom"]["secretKeyRef"]                 # the tokens come from the Secret
-    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("CD4ML_API_TOKENS", "CD4ML_DB_URI"):                          # the tokens and the database: Secrets
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets()[ref["name"]]["stringData"], name
+    secret, ref = secrets()["cd4ml-api-tokens"], env["CD4ML_API_TOKENS"]["valueFrom"]["secretKeyRef"]
+    from cd4ml.predlog import DbStore
+    db_uri = secrets()["cd4ml-serving-db"]["stringData"]["CD4ML_DB_URI"]
+    assert DbStore(db_uri, env["CD4ML_DB_SCHEMA"]["value"]).describe() == \
+        "postgresql://cd4ml_serving:***@db.internal:5432/cd4ml (schema cd4ml_serving)"   # a URI the service takes
     from cd4ml.core import Cd4mlError
     from cd4ml.tokens import parse_tokens
     with pytest.raises(Cd4mlError, match="at least 16"):                        # the placeholder cannot serve
