@@ -33,22 +33,28 @@ def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to liste
           protect_predict: Optional[bool] = typer.Option(
               None, "--protect-predict/--no-protect-predict",
               help="Reads (/predict, /history, /info, /catalog) need an API token too, like writes (/feedback)."),
+          reload_seconds: Optional[float] = typer.Option(
+              None, "--reload-seconds", help="Poll the registry this often for a new champion (or challenger) and "
+                                             "serve it without a restart (default 30; 0: only on POST /admin/reload)."),
           ):
     """Serve forecasts over HTTP: POST /predict, a web page at /, /livez, /readyz, /metrics, /docs.json. POST /feedback
-    needs `Authorization: Bearer <token>` (CD4ML_API_TOKENS or CD4ML_API_TOKENS_FILE; with neither, a token file is
-    created in the workspace). Predictions and feedback are logged to JSONL files in the workspace, or to the
-    PostgreSQL database in CD4ML_DB_URI (shared by every replica)."""
+    and POST /admin/reload (serve a new champion now) need `Authorization: Bearer <token>` (CD4ML_API_TOKENS or
+    CD4ML_API_TOKENS_FILE; with neither, a token file is created in the workspace). Predictions and feedback are
+    logged to JSONL files in the workspace, or to the PostgreSQL database in CD4ML_DB_URI (shared by every replica).
+    A champion promoted or rolled back later is served without a restart."""
     from cd4ml.bento import server_env
     from cd4ml.deployment import ServeConfig, check_models
     from cd4ml.registry import MODEL_NAME
     from cd4ml.tokens import TOKENS_FILE_ENV, workspace_tokens
     config = ServeConfig.from_env(model_version=model_version, shadow=shadow, canary_percent=canary_percent,
                                   max_horizon=max_horizon, max_rows=max_rows,
-                                  protect_predict=protect_predict)
+                                  protect_predict=protect_predict, reload_seconds=reload_seconds)
     facts = check_models(config)
     challenger = f", challenger v{facts['challenger']}" if "challenger" in facts else ""
     print(f"cd4ml serve: {MODEL_NAME} v{facts['champion']}{challenger} (shadow={config.shadow}, "
-          f"canary={config.canary_percent}%) on http://{host}:{port}/", file=sys.stderr, flush=True)
+          f"canary={config.canary_percent}%) on http://{host}:{port}/, following the registry "
+          f"{f'every {config.reload_seconds:g} s' if config.reload_seconds else 'on POST /admin/reload'}",
+          file=sys.stderr, flush=True)
     from cd4ml.predlog import open_store
     with open_store(config) as store:                   # a database is reached (its tables made) before serving
         print(f"cd4ml serve: logs to {store.check()}", file=sys.stderr, flush=True)

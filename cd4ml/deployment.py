@@ -4,7 +4,7 @@
 
 # %% ../nbs/44_deployment.ipynb #4e9dbd4b
 from __future__ import annotations
-import hashlib, os, time, uuid
+import hashlib, logging, os, threading, time, uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -20,8 +20,8 @@ from .registry import MODEL_NAME
 from . import features
 
 # %% auto #0
-__all__ = ['ENV_PREFIX', 'ServeConfig', 'canary_bucket', 'route', 'Deployment', 'resolve_model', 'dataset_of', 'load_forecaster',
-           'load_deployment', 'check_models', 'predict']
+__all__ = ['ENV_PREFIX', 'log', 'ServeConfig', 'canary_bucket', 'route', 'Deployment', 'resolve_model', 'dataset_of',
+           'load_forecaster', 'load_deployment', 'check_models', 'predict', 'forget', 'reloaded', 'RegistryFollower']
 
 # %% ../nbs/44_deployment.ipynb #9fdf409c
 ENV_PREFIX = "CD4ML_"
@@ -59,6 +59,8 @@ class ServeConfig:
     access_log: bool = False           # BentoML's access log line per request (costs ~10% of a single-row request)
     tracing: bool = False              # OpenTelemetry spans per request (needs a BentoML tracing exporter to be of use)
     protect_predict: bool = False      # reads (/predict, /history, /info, /catalog) need an API token too (`tokens`)
+    reload_seconds: float = 30.0       # how often the service polls the registry for new champion/challenger
+                                       # aliases (`RegistryFollower`); 0: only on `POST /admin/reload`
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> ServeConfig:
@@ -79,6 +81,7 @@ class ServeConfig:
         if self.cache_rows < 0: raise Cd4mlError(f"cache_rows must be >= 0; got {self.cache_rows}")
         for name in ("log_max_bytes", "log_keep_files", "log_keep_bytes", "db_flush_ms", "db_flush_rows", "db_buffer_rows"):
             if getattr(self, name) < 1: raise Cd4mlError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.reload_seconds < 0: raise Cd4mlError(f"reload_seconds must be >= 0; got {self.reload_seconds}")
         if not 0 <= self.canary_percent <= 100:
             raise Cd4mlError(f"canary_percent must be between 0 and 100; got {self.canary_percent}")
         return self
@@ -103,7 +106,9 @@ def route(frame,                 # typed rows: a frame or `Rows`
 
 # %% ../nbs/44_deployment.ipynb #ddef1217
 class Deployment:
-    "The champion, optionally a challenger (shadow and/or canary), the config and the prediction log (of a store)."
+    """The champion, optionally a challenger (shadow and/or canary), the config and the prediction log (of a store).
+    Its versions never change: serving others is a new `Deployment` (`replaced`), so a request answers from one
+    deployment throughout."""
     def __init__(self, champion: Forecaster, challenger: Forecaster | None = None,
                  config: ServeConfig = ServeConfig(), log: PredictionLog | None = None):
         if (config.shadow or config.canary_percent > 0) and challenger is None:
@@ -114,6 +119,17 @@ class Deployment:
 
     @property
     def catalog(self) -> Catalog: return self.champion.catalog
+
+    @property
+    def versions(self) -> dict[str, str]:
+        "The version serving each role: `champion`, and `challenger` when there is one."
+        return {"champion": self.champion.version} | ({"challenger": self.challenger.version} if self.challenger else {})
+
+    def replaced(self, champion: Forecaster, challenger: Forecaster | None = None) -> Deployment:
+        "A deployment of other versions sharing this one's config, prediction log and live accuracy (per version)."
+        new = Deployment(champion, challenger, self.config, self.log)
+        new.live = self.live
+        return new
 
     def validate(self, rows) -> pd.DataFrame:
         "Typed rows that can be forecast, or a `RequestError`."
@@ -227,9 +243,9 @@ def load_deployment(config: ServeConfig | None = None) -> Deployment:
     return Deployment(champion, challenger, config)
 
 def check_models(config: ServeConfig) -> dict:
-    "The versions `config` will serve, or a `Cd4mlError` if one is missing from the registry."
-    facts = {"champion": resolve_model(config.model_version).version}
-    if config.shadow or config.canary_percent > 0: facts["challenger"] = resolve_model("challenger").version
+    "The version (a string) `config` will serve per role, or a `Cd4mlError` if one is missing from the registry."
+    facts = {"champion": str(resolve_model(config.model_version).version)}
+    if config.shadow or config.canary_percent > 0: facts["challenger"] = str(resolve_model("challenger").version)
     return facts
 
 def predict(rows,                                    # request rows: a frame or list of dicts (`contract.ROW_FIELDS`)
@@ -238,3 +254,65 @@ def predict(rows,                                    # request rows: a frame or 
     "Forecast units in-process, exactly as the service would (model-as-library); rows are validated the same way."
     fc = load_forecaster(model_version)
     return fc.predict(check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog))
+
+# %% ../nbs/44_deployment.ipynb #e4cf66c7
+log = logging.getLogger("bentoml.cd4ml")   # BentoML's handlers show it in the server log
+
+def forget(*forecasters: Forecaster):
+    "Drop these forecasters from `load_forecaster`'s cache: a service that stopped serving them frees their state."
+    for key in [k for k, fc in _forecasters.items() if any(fc is f for f in forecasters)]: del _forecasters[key]
+
+def reloaded(deployment: Deployment,
+             wanted: dict[str, str],   # version per role, as `check_models` gives them
+            ) -> Deployment | None:
+    "A deployment of the `wanted` versions (loaded from the registry), or None when `deployment` serves them already."
+    if wanted == deployment.versions: return None
+    c = deployment.config
+    load = lambda role: load_forecaster(wanted[role], c.max_horizon, cache_rows=c.cache_rows) if role in wanted else None
+    return deployment.replaced(load("champion"), load("challenger"))
+
+def _named(versions: dict) -> str: return ", ".join(f"{role} v{v}" for role, v in versions.items())
+
+# %% ../nbs/44_deployment.ipynb #8daecd84
+class RegistryFollower:
+    "Keeps a service on the versions the registry names: `reload` now, or every `interval` seconds once `start`ed."
+    def __init__(self, current,                  # () -> the Deployment being served
+                 install,                        # (Deployment) -> None: serve this one from now on (one assignment)
+                 interval: float = 30.0,         # seconds between polls of the registry (`start`); 0: no polling
+                 on_outcome=lambda outcome: None # called with 'swapped' or 'failed' after each reload that did either
+                ):
+        self.current, self.install, self.interval, self.on_outcome = current, install, interval, on_outcome
+        self._lock, self._stop = threading.Lock(), threading.Event()
+
+    def reload(self) -> dict:
+        "Serve what the registry names now: the versions `before` and `serving`; a `Cd4mlError` (old kept) on failure."
+        with self._lock:                          # one reload at a time: a poll and `POST /admin/reload` don't race
+            old, wanted = self.current(), None
+            try:
+                wanted = check_models(old.config)
+                new = reloaded(old, wanted)
+            except Exception as e:
+                self.on_outcome("failed")
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                what = _named(wanted) if wanted else "the registry's versions"
+                message = f"could not load {what}: {reason}; still serving {_named(old.versions)}"
+                log.error(f"cd4ml: {message}")
+                raise Cd4mlError(message) from None
+            if new is not None:
+                self.install(new)
+                forget(*(f for f in (old.champion, old.challenger) if f is not None and f not in (new.champion, new.challenger)))
+                self.on_outcome("swapped")
+                log.info(f"cd4ml: now serving {_named(new.versions)} (was {_named(old.versions)})")
+            return {"before": old.versions, "serving": (new or old).versions, "changed": new is not None}
+
+    def start(self) -> RegistryFollower:
+        "Poll the registry every `interval` seconds in a daemon thread (none when `interval` is 0)."
+        if self.interval > 0: threading.Thread(target=self._poll, name="cd4ml-registry-follower", daemon=True).start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(self.interval):
+            try: self.reload()
+            except Cd4mlError: pass               # logged and counted by `reload`; the old deployment keeps serving
+
+    def stop(self): self._stop.set()

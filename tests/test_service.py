@@ -279,7 +279,7 @@ def test_non_json_body_is_a_415(served, content_type):
     r = httpx.post(f"{served['base']}/predict", content=b'{"rows": []}', headers={"content-type": content_type}, timeout=30)
     assert r.status_code == 415 and r.json()["value"] == content_type, r.text
 
-def test_bento_build_and_serve_behave_the_same(served, running_server):
+def test_bento_build_and_serve_behave_the_same(served, running_server, api_token):
     "`cd4ml bento` (import the champion, `bentoml build`), then `bentoml serve TAG`: same answers, Dockerfile inside."
     from cd4ml.bento import build_bento
     facts = build_bento(ROOT)
@@ -294,3 +294,5 @@ def test_bento_build_and_serve_behave_the_same(served, running_server):
         assert body["model_versions"] == ["1"] * 60
         np.testing.assert_allclose(body["predictions"], offline(served, "1", rows), rtol=0, atol=1e-9)
         assert post(base, [{"date": "2017-05-03", "store_nbr": 77, "item_nbr": 100, "onpromotion": False}]).status_code == 422
+        r = httpx.post(f"{base}/admin/reload", headers=api_token.headers)   # a Bento is immutable: rollout is by image
+        assert r.status_code == 409 and "Bento image" in r.json()["error"] and r.json()["serving"] == {"champion": "1"}
