@@ -80,7 +80,7 @@ def test_no_drift_then_drift(served, later, cli, api_token):
     assert answer["live"]["1"]["n"] == 1920 and answer["live"]["2"]["n"] == 1920      # champion answers, challenger in shadow
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
     sums = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()   # counters: no actual reposted yet
-            if line.startswith("cd4ml_live_") and 'model_version="1",change="added"' in line}
+            if line.startswith("cd4ml_live_") and {'model_version="1"', 'change="added"'} <= set(line.split("{")[1].split("}")[0].split(","))}
     nwrmsle = (sums["cd4ml_live_weighted_sq_log_error_total"] / sums["cd4ml_live_weight_total"]) ** 0.5
     assert abs(nwrmsle - answer["live"]["1"]["nwrmsle"]) < 1e-9 and sums["cd4ml_live_rows_total"] == 1920
 
