@@ -70,7 +70,7 @@ def feedback_dataset(report: dict) -> str:
     "The champion's dataset plus the feedback after its end, saved as a new dataset version (its meta: parent, ...)."
     from cd4ml import monitor
     from cd4ml.datasets import SALES, TABLES, load_dataset, save_dataset
-    from cd4ml.predlog import read_feedback, read_log
+    from cd4ml.logstore import read_feedback, read_log
     ds = load_dataset(report["dataset_version"])
     tables = {name: ds.table(name) for name in TABLES if name in ds}
     served, feedback = monitor.served_frame(read_log()), monitor.feedback_frame(read_feedback())

@@ -55,7 +55,7 @@ def serve(port: int = typer.Option(3000, "--port", "-p", help="TCP port to liste
           f"canary={config.canary_percent}%) on http://{host}:{port}/, following the registry "
           f"{f'every {config.reload_seconds:g} s' if config.reload_seconds else 'on POST /admin/reload'}",
           file=sys.stderr, flush=True)
-    from cd4ml.predlog import open_store
+    from cd4ml.logstore import open_store
     with open_store(config) as store:                   # a database is reached (its tables made) before serving
         print(f"cd4ml serve: logs to {store.check()}", file=sys.stderr, flush=True)
     env, made = server_env(config), workspace_tokens()

@@ -10,19 +10,12 @@ from datetime import date, datetime
 import numpy as np
 import pandas as pd
 
-from .core import Cd4mlError
+from .core import Cd4mlError, jsonable
 from . import features
 
 # %% auto #0
-__all__ = ['ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'FEEDBACK_OPTIONAL', 'jsonable', 'RequestError', 'Rows', 'parse_columns',
+__all__ = ['ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'FEEDBACK_OPTIONAL', 'RequestError', 'Rows', 'parse_columns',
            'parse_rows', 'parse_feedback', 'Catalog', 'check_rows', 'check_known']
-
-# %% ../nbs/40_contract.ipynb #3d0f5b21
-def jsonable(v):
-    "`v` as JSON can carry it: plain values as they are, numpy scalars as Python ones, anything else as a short repr."
-    if v is None or isinstance(v, (bool, int, float, str)): return v
-    if isinstance(v, (np.generic,)): return v.item()
-    return repr(v)[:200]
 
 # %% ../nbs/40_contract.ipynb #e21b17e6
 ROW_FIELDS = ("date", "store_nbr", "item_nbr", "onpromotion")

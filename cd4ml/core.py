@@ -12,13 +12,20 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['Cd4mlError', 'home', 'workspace', 'tracking_uri', 'atomic_dir', 'atomic_write_text', 'write_json', 'hash_bytes',
-           'hash_frame', 'hash_json', 'hash_file']
+__all__ = ['Cd4mlError', 'jsonable', 'home', 'workspace', 'tracking_uri', 'atomic_dir', 'atomic_write_text', 'write_json',
+           'hash_bytes', 'hash_frame', 'hash_json', 'hash_file']
 
 # %% ../nbs/00_core.ipynb #a1e93cb6
 class Cd4mlError(Exception):
     "A problem with the user's input or environment: one line saying what is wrong and how to fix it."
     exit_code = 2
+
+# %% ../nbs/00_core.ipynb #3d0f5b21
+def jsonable(v):
+    "`v` as JSON can carry it: plain values as they are, numpy scalars as Python ones, anything else as a short repr."
+    if v is None or isinstance(v, (bool, int, float, str)): return v
+    if isinstance(v, (np.generic,)): return v.item()
+    return repr(v)[:200]
 
 # %% ../nbs/00_core.ipynb #d117ac8f
 def home() -> Path:

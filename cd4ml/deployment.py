@@ -15,7 +15,8 @@ from .core import Cd4mlError, tracking_uri
 from .datasets import load_dataset
 from .contract import Catalog, Rows, check_rows, parse_columns, parse_rows
 from .forecaster import Forecaster
-from .predlog import STORE_DEFAULTS, LiveAccuracy, PredictionLog, open_store
+from .logstore import PredictionLog, STORE_DEFAULTS, open_store
+from .predlog import LiveAccuracy
 from .registry import MODEL_NAME
 from . import features
 

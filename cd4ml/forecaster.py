@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pandas as pd
 
-from .datasets import SALES, Dataset
+from .datasets import Dataset
 from .contract import Catalog, Rows
 from . import features, models
 from .state import answer_keys, history_end, recent_units, series_state, state_features

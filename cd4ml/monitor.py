@@ -172,8 +172,8 @@ def _refused_column(rejection: dict) -> str:
     "The request column a logged refusal names: 'item_nbr' for the field `rows[3].item_nbr`."
     return str(rejection.get("field") or "").rpartition(".")[2]
 
-def traffic(records: list[dict],      # prediction log records (`predlog.read_log`)
-            rejections: list[dict],   # refused requests (`predlog.read_rejections`)
+def traffic(records: list[dict],      # prediction log records (`logstore.read_log`)
+            rejections: list[dict],   # refused requests (`logstore.read_rejections`)
            ) -> dict:
     "Requests, rows, latency percentiles (ms), refusals, and the shares refused for an unknown store/item, item."
     latency = np.array([r.get("latency_ms") or 0.0 for r in records], float)
@@ -223,9 +223,9 @@ def needs_retrain(found: list[dict], config: dict = MONITORING_DEFAULTS) -> bool
     return any(a["kind"] in config["retrain_on"] for a in found)
 
 # %% ../nbs/50_monitor.ipynb #f2817f12
-def build_report(records: list[dict],            # prediction log records (`predlog.read_log`)
-                 feedback_records: list[dict],   # feedback posts (`predlog.read_feedback`)
-                 rejections: list[dict],         # refused requests (`predlog.read_rejections`)
+def build_report(records: list[dict],            # prediction log records (`logstore.read_log`)
+                 feedback_records: list[dict],   # feedback posts (`logstore.read_feedback`)
+                 rejections: list[dict],         # refused requests (`logstore.read_rejections`)
                  data,                           # the champion's training dataset (a `Dataset` or dict of tables)
                  horizon: int,                   # periods the champion was trained for (`registry.trained_horizon`)
                  model=None,                     # the champion's fitted model: offline predictions for prediction drift
@@ -270,7 +270,7 @@ def workspace_report(since: str | None = None,                 # only target day
                      name: str = MODEL_NAME) -> dict:
     "The monitoring report of the current workspace: its logs, the registry's champion and its training data."
     from cd4ml.datasets import load_dataset
-    from cd4ml.predlog import read_feedback, read_log, read_rejections
+    from cd4ml.logstore import read_feedback, read_log, read_rejections
     from cd4ml.registry import load_model
     facts = champion_facts(name)
     if facts["champion"] is None:

@@ -27,7 +27,8 @@ from .deployment import Deployment, RegistryFollower, ServeConfig, load_deployme
 from .forecaster import Forecaster
 from .batcher import MicroBatcher
 from .tokens import TokenGuard, load_tokens, send_json
-from .predlog import KINDS, SUMS, LiveAccuracy, record_feedback, record_rejection
+from .logstore import KINDS
+from .predlog import SUMS, LiveAccuracy, record_feedback, record_rejection
 
 # %% ../nbs/45_service.ipynb #48815c68
 CONFIG = ServeConfig.from_env()

@@ -74,7 +74,7 @@ def test_the_manifests_fit_together_and_fit_the_bento():
         ref = env[name]["valueFrom"]["secretKeyRef"]
         assert ref["key"] in secrets()[ref["name"]]["stringData"], name
     secret, ref = secrets()["cd4ml-api-tokens"], env["CD4ML_API_TOKENS"]["valueFrom"]["secretKeyRef"]
-    from cd4ml.predlog import DbStore
+    from cd4ml.logstore import DbStore
     db_uri = secrets()["cd4ml-serving-db"]["stringData"]["CD4ML_DB_URI"]
     assert DbStore(db_uri, env["CD4ML_DB_SCHEMA"]["value"]).describe() == \
         "postgresql://cd4ml_serving:***@db.internal:5432/cd4ml (schema cd4ml_serving)"   # a URI the service takes

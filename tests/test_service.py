@@ -124,7 +124,7 @@ def test_embedded_predict_matches_the_service(served):
     np.testing.assert_allclose(deployment.predict(as_request(rows), model_version=2), offline(served, "2", rows), rtol=0, atol=1e-9)
 
 def test_prediction_log_has_every_request_with_shadow(served):
-    from cd4ml.predlog import read_log
+    from cd4ml.logstore import read_log
     rows = catalog_rows(served["dataset"], 16, 25, seed=3)
     body = post(served["base"], as_request(rows)).json()
     logged = {r["request_id"]: r for r in read_log(served["home"]/"predictions")}
@@ -139,7 +139,7 @@ def test_prediction_log_has_every_request_with_shadow(served):
 def test_feedback_live_accuracy_equals_the_monitor_recomputation(served, api_token):
     "/feedback answers from running sums (predlog.LiveAccuracy); they must equal cd4ml.monitor's recomputation from the logs."
     from cd4ml import monitor
-    from cd4ml.predlog import read_feedback, read_log
+    from cd4ml.logstore import read_feedback, read_log
     base, home = served["base"], served["home"]
     rows = catalog_rows(served["dataset"], 16, 300, seed=13)
     assert post(base, as_request(rows)).status_code == 200

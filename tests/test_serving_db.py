@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cd4ml import monitor
-from cd4ml.predlog import KINDS, DbStore
+from cd4ml.logstore import DbStore, KINDS
 from cd4ml.release import as_request, catalog_rows
 
 SECRET = "db-pa55word-never-shown"     # the test cluster trusts loopback logins: the password is carried, not checked
