@@ -253,6 +253,21 @@ def test_default_run_noise_floor_and_lightgbm_champion(default_run):
     assert parity["result"] == "pass" and parity["value"] <= 1e-9               # ... answering as offline to 1e-9
 
 
+def test_default_run_intervals_cover_80_percent_and_are_registered(default_run):
+    import json
+    r = default_run.result
+    gated = next(c for c in r["candidates"] if c["model"] == r["gated"]["model"])
+    coverage = gated["metrics"]["interval_coverage"]                            # calibrated on one validation origin, counted on the other
+    assert 0.75 <= coverage <= 0.85, coverage
+    gates = {g["gate"]: g for g in r["gates"]}
+    assert gates["min_interval_coverage"]["value"] == pytest.approx(coverage) and gates["max_interval_coverage"]["result"] == "pass"
+    parent = default_run.client.get_run(r["parent_run_id"]).data.metrics
+    assert parent["best_interval_coverage"] == pytest.approx(r["best"]["metrics"]["interval_coverage"])
+    version = default_run.client.get_model_version("sales", r["registered"]["version"])
+    intervals = json.loads(version.tags["intervals"])                           # what the service and cd4ml.predict read
+    assert intervals["offsets"][9] < 0 < intervals["offsets"][89] and intervals["n"] > 1000
+
+
 def test_default_run_reports_show_only_the_run(default_run):
     run_dir = Path(default_run.result["run_dir"])
     reports = sorted(run_dir.glob("*.ipynb"))
