@@ -131,7 +131,8 @@ def coverage_gates(coverage: float | None,  # the candidate's `intervals.interva
     "The `min_interval_coverage` and `max_interval_coverage` gates on the 10-90 % interval's held-out coverage."
     acc = acceptance_config(acceptance)
     if coverage is None:
-        return [GateResult(g, None, acc[g], True, "not measured: needs 2 or more validation origins (n_valid)")
+        return [GateResult(g, None, acc[g], True, "not measured: needs 2 or more validation origins (n_valid) "
+                                                       "and 9 or more rows in the first")
                 for g in ("min_interval_coverage", "max_interval_coverage")]
     detail = f"{coverage:.1%} of held-out actuals inside the 10-90 % interval"
     return [_limit("min_interval_coverage", coverage, acc["min_interval_coverage"], lambda v, t: v >= t, detail),

@@ -13,8 +13,8 @@ import pandas as pd
 from .core import Cd4mlError
 
 # %% auto #0
-__all__ = ['LEVELS', 'INTERVAL', 'INTERVALS_TAG', 'log_residuals', 'conformal_offsets', 'calibrate', 'quantile_range', 'bounds',
-           'stored_intervals', 'split_origins', 'interval_coverage']
+__all__ = ['LEVELS', 'INTERVAL', 'INTERVALS_TAG', 'log_residuals', 'conformal_offsets', 'supported_levels', 'calibrate',
+           'quantile_range', 'bounds', 'stored_intervals', 'split_origins', 'interval_coverage']
 
 # %% ../nbs/16_intervals.ipynb #6d168bf4
 LEVELS = np.round(np.arange(1, 100) / 100, 2)   # the quantile levels a model version stores offsets for
@@ -39,11 +39,18 @@ def conformal_offsets(residuals,            # calibration residuals (`log_residu
     return r[k - 1]
 
 # %% ../nbs/16_intervals.ipynb #ea3f0a9e
+def supported_levels(n: int, levels=LEVELS) -> np.ndarray:
+    "The `levels` that `n` residuals can give a conformal offset for (fewer than 99 residuals lose the extreme ones)."
+    levels = np.asarray(levels)
+    return levels[(np.floor((n + 1) * levels) >= 1) & (np.ceil((n + 1) * levels) <= n)]
+
 def calibrate(y_true, y_pred) -> dict:
-    "A model's intervals from its validation actuals and predictions: the conformal offset at every level of `LEVELS`."
+    "A model's intervals from its validation actuals and predictions: the conformal offset at every level it supports."
     residuals = log_residuals(y_true, y_pred)
-    return {"method": "split conformal, log1p residuals", "n": int(len(residuals)), "levels": LEVELS.tolist(),
-            "offsets": [round(float(o), 9) for o in conformal_offsets(residuals)]}
+    levels = supported_levels(len(residuals))
+    if len(levels) == 0: raise Cd4mlError(f"{len(residuals)} validation rows are too few to calibrate forecast intervals")
+    return {"method": "split conformal, log1p residuals", "n": int(len(residuals)), "levels": levels.tolist(),
+            "offsets": [round(float(o), 9) for o in conformal_offsets(residuals, levels)]}
 
 def quantile_range(intervals: dict) -> tuple[float, float]:
     "The lowest and highest quantile `intervals` can give."
@@ -82,9 +89,9 @@ def split_origins(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def interval_coverage(frame: pd.DataFrame,  # validation rows: origin, date, unit_sales, prediction
                       interval=INTERVAL,    # (low, high) quantiles
                      ) -> float | None:
-    "Share of held-out actuals inside the interval calibrated on the earlier origins (`split_origins`); None without any."
+    "Share of held-out actuals inside the interval calibrated on the earlier origins (`split_origins`); None if too few."
     calib, later = split_origins(frame)
-    if later.empty: return None
+    if later.empty or not set(interval) <= set(supported_levels(len(calib), interval)): return None
     low, high = bounds(calibrate(calib.unit_sales, calib.prediction), later.prediction, interval)
     actual = np.clip(later.unit_sales.to_numpy(dtype="float64"), 0, None)
     return float(np.mean((actual >= low) & (actual <= high)))
