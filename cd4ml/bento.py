@@ -48,6 +48,7 @@ def import_champion(model_version: str | None = None,  # a registry version or a
     from cd4ml.state import serving_history
     from cd4ml.registry import describe_version, trained_horizon
     from cd4ml.deployment import dataset_of, resolve_model
+    from cd4ml.intervals import INTERVALS_TAG
     os.environ["BENTOML_HOME"] = str(workspace("bentoml"))
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_registry_uri(tracking_uri())
@@ -56,7 +57,8 @@ def import_champion(model_version: str | None = None,  # a registry version or a
     uri = f"models:/{MODEL_NAME}/{mv.version}"   # the number resolved above
     meta = {"version": str(mv.version), "run_id": mv.run_id, "model_uri": uri, "dataset_version": ds.version,
             "horizon": trained_horizon(describe_version(mv.version)), "freq": freq_of(ds)}
-    model = bentoml.mlflow.import_model(BENTO_MODEL, model_uri=uri, metadata=meta,
+    stored = {INTERVALS_TAG: mv.tags[INTERVALS_TAG]} if mv.tags.get(INTERVALS_TAG) else {}   # served as the registry serves them
+    model = bentoml.mlflow.import_model(BENTO_MODEL, model_uri=uri, metadata={**meta, **stored},
                                         labels={"registry_version": str(mv.version), "dataset_version": ds.version},
                                         custom_objects={"history": serving_history(ds)})
     return {**meta, "bento_model": str(model.tag)}
@@ -91,12 +93,14 @@ def load_from_bento(config: ServeConfig, tag: str = PACKAGED) -> Deployment:
     import bentoml, mlflow.sklearn
     from cd4ml.deployment import Deployment
     from cd4ml.forecaster import Forecaster
+    from cd4ml.intervals import INTERVALS_TAG, stored_intervals
     bento_model = bentoml.models.get(tag)
     info = dict(bento_model.info.metadata)
+    intervals = stored_intervals({INTERVALS_TAG: info.pop(INTERVALS_TAG, None)})
     model = mlflow.sklearn.load_model(bento_model.path_of("mlflow_model"))
     history = bento_model.custom_objects["history"]
     fc = Forecaster(model, history, info["version"], config.max_horizon or int(info["horizon"]), info,
-                    config.cache_rows)
+                    config.cache_rows, intervals)
     if config.shadow or config.canary_percent > 0:
         raise RuntimeError("shadow and canary need the registry's challenger; a Bento ships the champion only")
     return Deployment(fc, None, config)

@@ -37,6 +37,9 @@ def quality(result: dict) -> dict:
     if result.get("gain_captured") is not None:
         g = result["gain_captured"]
         out["gain captured (MA → Bayes)"] = f"{g:.1%} (target ≥ 90%: {'met' if g >= 0.90 else 'not met'})"
+    coverage = (result.get("best") or {}).get("metrics", {}).get("interval_coverage")
+    if coverage is not None:
+        out["10–90% interval coverage"] = f"{coverage:.1%} (target 80 ± 5%: {'met' if abs(coverage - 0.8) <= 0.05 else 'not met'})"
     return out
 
 # %% ../nbs/27_cli_run.ipynb #8c2f4e06

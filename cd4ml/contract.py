@@ -14,8 +14,9 @@ from .core import Cd4mlError, jsonable
 from . import features
 
 # %% auto #0
-__all__ = ['ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'FEEDBACK_OPTIONAL', 'RequestError', 'Rows', 'parse_columns',
-           'parse_rows', 'parse_feedback', 'Catalog', 'check_rows', 'check_known']
+__all__ = ['ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'FEEDBACK_OPTIONAL', 'MAX_QUANTILES', 'RequestError', 'Rows',
+           'parse_columns', 'parse_rows', 'parse_feedback', 'parse_quantiles', 'quantile_key', 'Catalog', 'check_rows',
+           'check_known']
 
 # %% ../nbs/40_contract.ipynb #e21b17e6
 ROW_FIELDS = ("date", "store_nbr", "item_nbr", "onpromotion")
@@ -158,6 +159,31 @@ def parse_feedback(rows,                    # feedback rows, as parsed from JSON
     if any(p is not None for p in out["onpromotion"]):
         frame["onpromotion"] = pd.array(out["onpromotion"], dtype="boolean")
     return frame
+
+# %% ../nbs/40_contract.ipynb #a7a08ac9
+MAX_QUANTILES = 5   # most quantile levels in one request
+
+def parse_quantiles(quantiles, # a request's `quantiles`, as parsed from JSON (None: not asked)
+                   ) -> tuple[float, ...]:
+    "Requested quantile levels: () when not asked; a `RequestError` naming the first bad one."
+    if quantiles is None: return ()
+    if not isinstance(quantiles, (list, tuple)) or not quantiles:
+        raise RequestError(f"quantiles must be a non-empty list of numbers between 0 and 1; got {quantiles!r}",
+                           "quantiles", quantiles)
+    if len(quantiles) > MAX_QUANTILES:
+        raise RequestError(f"quantiles has {len(quantiles)} levels; at most {MAX_QUANTILES}", "quantiles", len(quantiles))
+    for i, q in enumerate(quantiles):
+        number = isinstance(q, (int, float, np.number)) and not isinstance(q, (bool, np.bool_))
+        if not (number and 0 < q < 1):
+            raise RequestError(f"quantiles[{i}] must be a number strictly between 0 and 1; got {q!r}", f"quantiles[{i}]", q)
+        if i and q <= quantiles[i - 1]:
+            raise RequestError(f"quantiles[{i}] must be greater than quantiles[{i - 1}] (ascending, no repeats); "
+                               f"got {q!r} after {quantiles[i - 1]!r}", f"quantiles[{i}]", q)
+    return tuple(float(q) for q in quantiles)
+
+def quantile_key(q: float) -> str:
+    "How a response names quantile `q`: '0.1', '0.025'."
+    return f"{q:g}"
 
 # %% ../nbs/40_contract.ipynb #b1fc257b
 @dataclass

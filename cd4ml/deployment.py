@@ -13,7 +13,7 @@ import pandas as pd
 
 from .core import Cd4mlError, tracking_uri
 from .datasets import load_dataset
-from .contract import Catalog, Rows, check_rows, parse_columns, parse_rows
+from .contract import Catalog, Rows, check_rows, parse_columns, parse_quantiles, parse_rows, quantile_key
 from .forecaster import Forecaster
 from .logstore import PredictionLog, STORE_DEFAULTS, open_store
 from .predlog import LiveAccuracy
@@ -221,6 +221,7 @@ def load_forecaster(model_version: str | int | None = None, # a version number o
                    ) -> Forecaster:
     "The `Forecaster` of a registered model version (default: the champion), with its dataset as history."
     import mlflow.sklearn
+    from cd4ml.intervals import stored_intervals
     from cd4ml.registry import describe_version, trained_horizon
     mv = resolve_model(model_version, name)
     key = (tracking_uri(), name, mv.version, max_horizon, cache_rows)
@@ -232,7 +233,8 @@ def load_forecaster(model_version: str | int | None = None, # a version number o
                 "dataset_version": ds, "horizon": horizon, "freq": features.freq_of(data),
                 "git_sha": mv.tags.get("git_sha") or _run_tag(mv.run_id, "git_sha"),
                 "aliases": list(getattr(mv, "aliases", []) or [])}
-        _forecasters[key] = Forecaster(model, data, mv.version, max_horizon or horizon, info, cache_rows)
+        _forecasters[key] = Forecaster(model, data, mv.version, max_horizon or horizon, info, cache_rows,
+                                       stored_intervals(mv.tags))
     return _forecasters[key]
 
 def load_deployment(config: ServeConfig | None = None) -> Deployment:
@@ -251,10 +253,16 @@ def check_models(config: ServeConfig) -> dict:
 
 def predict(rows,                                    # request rows: a frame or list of dicts (`contract.ROW_FIELDS`)
             model_version: str | int | None = None,  # a version number or alias; default the champion
-           ) -> np.ndarray:
-    "Forecast units in-process, exactly as the service would (model-as-library); rows are validated the same way."
+            quantiles: list[float] | None = None,    # also these quantiles, e.g. [0.1, 0.9] (the version's stored intervals)
+           ) -> np.ndarray | pd.DataFrame:
+    """Forecast units in-process, exactly as the service would (model-as-library); rows are validated the same way.
+    With `quantiles`: a frame with `prediction` and a column per quantile, named as the service names them ('0.1')."""
     fc = load_forecaster(model_version)
-    return fc.predict(check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog))
+    levels = parse_quantiles(quantiles)
+    fc.check_quantiles(levels)
+    preds = fc.predict(check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog))
+    if not levels: return preds
+    return pd.DataFrame({"prediction": preds, **dict(zip(map(quantile_key, levels), fc.quantiles(preds, levels)))})
 
 # %% ../nbs/44_deployment.ipynb #e4cf66c7
 log = logging.getLogger("bentoml.cd4ml")   # BentoML's handlers show it in the server log

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from .datasets import Dataset
-from .contract import Catalog, Rows
+from .contract import Catalog, RequestError, Rows
+from .intervals import bounds, quantile_range
 from . import features, models
 from .state import answer_keys, history_end, recent_units, series_state, state_features
 
@@ -68,8 +69,9 @@ class Forecaster:
                  version: str,                 # the model version, reported with every prediction
                  max_horizon: int,             # periods after the history end that may be forecast (days, or weeks)
                  info: dict | None = None,     # facts shown by /info: run id, dataset version, git sha...
-                 cache_rows: int = 500_000):   # most answers kept (least recently used evicted first; 0: none)
-        self.model, self.version, self.info = model, str(version), dict(info or {})
+                 cache_rows: int = 500_000,    # most answers kept (least recently used evicted first; 0: none)
+                 intervals: dict | None = None): # its stored intervals (`intervals.calibrate`); None: no quantiles
+        self.model, self.version, self.info, self.intervals = model, str(version), dict(info or {}), intervals
         tables = features.tables_of(data, ["stores", "items"])
         self.origin = history_end(data)
         self.catalog = Catalog(tables["stores"], tables["items"], self.origin, max_horizon, features.freq_of(data))
@@ -103,3 +105,20 @@ class Forecaster:
         rows = pd.DataFrame({"date": dates.astype("datetime64[ns]"), "store_nbr": np.int64(store_nbr),
                              "item_nbr": np.int64(item_nbr), "onpromotion": bool(onpromotion)})
         return rows.assign(prediction=self.predict(rows))
+
+    def check_quantiles(self, quantiles: tuple):
+        "A 422 `RequestError` unless this version's intervals can give every one of `quantiles` (`parse_quantiles`)."
+        if not quantiles: return
+        if self.intervals is None:
+            raise RequestError(f"quantiles: model version {self.version} was registered without intervals; ask without "
+                               "quantiles, or serve a version registered by `cd4ml run`", "quantiles", list(quantiles), 422)
+        low, high = quantile_range(self.intervals)
+        for i, q in enumerate(quantiles):
+            if not low <= q <= high:
+                raise RequestError(f"quantiles[{i}] must be from {low:g} to {high:g} for model version {self.version}; "
+                                   f"got {q!r}", f"quantiles[{i}]", q, 422)
+
+    def quantiles(self, predictions, quantiles: tuple) -> np.ndarray:
+        "The forecast at each of `quantiles` (a row per quantile) around this version's `predictions`."
+        self.check_quantiles(quantiles)
+        return bounds(self.intervals, predictions, quantiles)

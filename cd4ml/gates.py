@@ -15,9 +15,9 @@ from .core import Cd4mlError
 
 # %% auto #0
 __all__ = ['ACCEPTANCE_DEFAULTS', 'SEGMENTS', 'checked_block', 'is_number', 'acceptance_config', 'GateResult', 'gate_table',
-           'gates_from_table', 'raise_if_failed', 'threshold_gates', 'with_attributes', 'segment_errors',
-           'fairness_gate', 'schema_of', 'contract_gate', 'all_gates', 'partial_dependence', 'plot_segment_errors',
-           'plot_importance', 'plot_partial_dependence']
+           'gates_from_table', 'raise_if_failed', 'threshold_gates', 'coverage_gates', 'with_attributes',
+           'segment_errors', 'fairness_gate', 'schema_of', 'contract_gate', 'all_gates', 'partial_dependence',
+           'plot_segment_errors', 'plot_importance', 'plot_partial_dependence']
 
 # %% ../nbs/30_gates.ipynb #6a0df290
 ACCEPTANCE_DEFAULTS = {
@@ -26,6 +26,8 @@ ACCEPTANCE_DEFAULTS = {
     "max_regression_vs_champion": 0.02,  # tolerated relative loss against the champion on the same holdout: model/champion - 1
     "max_segment_ratio": 2.0,            # worst judged segment's NWRMSLE / overall NWRMSLE
     "min_segment_rows": 30,              # segments with fewer holdout rows are shown but not judged
+    "min_interval_coverage": 0.70,       # share of held-out actuals inside the 10-90 % interval (`cd4ml.intervals`): floor ...
+    "max_interval_coverage": 0.90,       # ... and ceiling (the target is 80 ± 5 %; the gate stops intervals clearly off)
     "auto_promote": True,                # a candidate that passes becomes champion at once (else stays challenger)
 }
 
@@ -122,6 +124,20 @@ def threshold_gates(metrics: dict,                 # candidate's holdout metrics
                               lambda v, t: v <= t, f"model {model:.4f} vs champion {champ:.4f} on the same holdout"))
     return results
 
+# %% ../nbs/30_gates.ipynb #1671f792
+def coverage_gates(coverage: float | None,  # the candidate's `intervals.interval_coverage` (None: not measured)
+                   acceptance: dict | None = None,
+                  ) -> list[GateResult]:
+    "The `min_interval_coverage` and `max_interval_coverage` gates on the 10-90 % interval's held-out coverage."
+    acc = acceptance_config(acceptance)
+    if coverage is None:
+        return [GateResult(g, None, acc[g], True, "not measured: needs 2 or more validation origins (n_valid) "
+                                                       "and 9 or more rows in the first")
+                for g in ("min_interval_coverage", "max_interval_coverage")]
+    detail = f"{coverage:.1%} of held-out actuals inside the 10-90 % interval"
+    return [_limit("min_interval_coverage", coverage, acc["min_interval_coverage"], lambda v, t: v >= t, detail),
+            _limit("max_interval_coverage", coverage, acc["max_interval_coverage"], lambda v, t: v <= t, detail)]
+
 # %% ../nbs/30_gates.ipynb #e26830dd
 SEGMENTS = ("store_nbr", "store_type", "cluster", "family", "perishable", "onpromotion")
 
@@ -213,8 +229,9 @@ def all_gates(frame: pd.DataFrame,    # holdout rows: unit_sales, weight, store_
               expected_schema: list[tuple[str, str]], # what the service sends (`schema_of(frame, FEATURES)`)
               acceptance: dict | None = None,
               items: pd.DataFrame | None = None, stores: pd.DataFrame | None = None,
+              coverage: float | None = None,  # held-out coverage of its 10-90 % interval (None: not measured)
              ) -> tuple[list[GateResult], pd.DataFrame]:
-    "Every gate's result (thresholds, fairness, contract) and the per-segment error table."
+    "Every gate's result (thresholds, fairness, contract, interval coverage) and the per-segment error table."
     from cd4ml.metrics import nwrmsle
     acc = acceptance_config(acceptance)
     weight = frame["weight"] if "weight" in frame.columns else None
@@ -223,7 +240,7 @@ def all_gates(frame: pd.DataFrame,    # holdout rows: unit_sales, weight, store_
     results = threshold_gates(score(prediction), score(baseline), score(champion), acc)
     results += [fairness_gate(segments, acc["max_segment_ratio"], acc["min_segment_rows"]),
                 contract_gate(model_schema, expected_schema)]
-    return results, segments
+    return results + coverage_gates(coverage, acc), segments
 
 # %% ../nbs/30_gates.ipynb #2a2f84b1
 def partial_dependence(predict,              # callable: frame -> predictions

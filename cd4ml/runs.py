@@ -121,7 +121,8 @@ def log_candidate(ex: Execution,            # the candidate's execution
             return None
         metrics = read_json(folder/"metrics.json") or {}
         mlflow.log_metrics(metrics)
-        if (folder/"importance.csv").exists(): mlflow.log_artifact(str(folder/"importance.csv"))
+        for name in ("importance.csv", "intervals.json"):   # intervals.json: registered with the version (`cd4ml.intervals`)
+            if (folder/name).exists(): mlflow.log_artifact(str(folder/name))
         model_uri = candidate_model(folder, cached, run.info.run_id)
         if model_uri: mlflow.set_tag("cd4ml.model_uri", model_uri)
     return {"run_id": run.info.run_id, "model": ex.model, "metrics": metrics, "cached": cached, "model_uri": model_uri}

@@ -5,13 +5,16 @@
 # %% auto #0
 __all__ = ['CONFIG', 'STATIC', 'PREDICTED_ROWS', 'CACHE', 'LIVE', 'RELOADS', 'DROPPED', 'web', 'IN_FLIGHT', 'StoreItem', 'Row',
            'PredictRequest', 'FeedbackRow', 'FeedbackRequest', 'FeedbackResponse', 'PredictResponse', 'RequestGuard',
-           'count_cache', 'LiveCounters', 'live_accuracy', 'count_drops', 'Serving', 'Forecast']
+           'count_cache', 'LiveCounters', 'live_accuracy', 'count_drops', 'serving', 'quantile_answers', 'Serving',
+           'Forecast']
 
 # %% ../nbs/45_service.ipynb #8bedcd11
 import datetime as dt
 import threading, time
 from collections import Counter
 from typing import NamedTuple
+
+import numpy as np
 
 import bentoml
 import pandas as pd
@@ -22,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 
 from .core import Cd4mlError
 from .bento import PACKAGE, load_from_bento, model_source
-from .contract import INT_RANGE, RequestError, Rows, check_known, check_rows, parse_columns, parse_feedback
+from .contract import (INT_RANGE, MAX_QUANTILES, RequestError, Rows, check_known, check_rows, parse_columns,
+                            parse_feedback, parse_quantiles, quantile_key)
+from .intervals import INTERVAL
 from .deployment import Deployment, RegistryFollower, ServeConfig, load_deployment
 from .forecaster import Forecaster
 from .batcher import MicroBatcher
@@ -34,12 +39,14 @@ from .predlog import SUMS, LiveAccuracy, record_feedback, record_rejection
 CONFIG = ServeConfig.from_env()
 STATIC = PACKAGE/"static"
 
-def _parsed(cls, data, handler, parse):
-    "The model of a body `{rows: [...]}` whose rows `parse` accepted, holding its result; else pydantic's verdict."
+def _parsed(cls, data, handler, parse,
+            optional: dict | None = None):   # other keys the body may have -> their parser
+    "The model of a body `{rows: [...], ...}` whose values our parsers accepted, holding their results; else pydantic's verdict."
+    optional = optional or {}
     if not (isinstance(data, dict) and "rows" in data): return handler(data)
-    try: rows = parse(data["rows"])
+    try: values = {"rows": parse(data["rows"]), **{k: p(data[k]) for k, p in optional.items() if k in data}}
     except RequestError as e: raise ValueError(str(e)) from None
-    return cls.model_construct(rows=rows) if len(data) == 1 else handler(data)   # other keys: pydantic names them
+    return cls.model_construct(**values) if set(data) <= set(values) else handler(data)   # other keys: pydantic names them
 
 class StoreItem(BaseModel):
     "The store and item of a row (forecast request or actuals); no other fields unless a subclass adds them."
@@ -58,11 +65,15 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example":
         {"rows": [{"date": "2017-08-16", "store_nbr": 1, "item_nbr": 103665, "onpromotion": False}]}})
     rows: list[Row] = Field(min_length=1, max_length=CONFIG.max_rows)
+    quantiles: list[float] | None = Field(None, max_length=MAX_QUANTILES,
+                                          description="also these quantiles of each forecast, ascending, each strictly "
+                                                      "between 0 and 1, e.g. [0.1, 0.9] (the model's stored intervals)")
 
     @model_validator(mode="wrap")
     @classmethod
     def _contract(cls, data, handler):
-        return _parsed(cls, data, handler, lambda rows: parse_columns(rows, CONFIG.max_rows))
+        return _parsed(cls, data, handler, lambda rows: parse_columns(rows, CONFIG.max_rows),
+                       {"quantiles": parse_quantiles})
 
 # %% ../nbs/45_service.ipynb #1f7c3e58
 class FeedbackRow(StoreItem):
@@ -94,6 +105,12 @@ class PredictResponse(BaseModel):
     model_version: str = Field(description="the version that answered, or 'mixed' under a canary")
     model_versions: list[str] = Field(description="the version that answered each row")
     request_id: str
+    quantiles: dict[str, list[float]] | None = Field(None, description="when asked: quantile ('0.1') -> its forecast "
+                                                                        "for each row")
+
+    def model_dump_json(self, **kwargs) -> str:
+        "The body as JSON; `quantiles` only when they were asked for."
+        return super().model_dump_json(**{"exclude_none": True, **kwargs})
 
 # %% ../nbs/45_service.ipynb #3af1c0f9
 class RequestGuard:
@@ -204,6 +221,24 @@ def count_drops(store) -> None:
     for kind in KINDS: DROPPED.labels(kind=kind)
     store.on_drop = lambda kind, n: DROPPED.labels(kind=kind).inc(n)
 
+# %% ../nbs/45_service.ipynb #d59dca51
+def serving(deployment: Deployment) -> list[Forecaster]:
+    "The versions that may answer a request: the champion, and the challenger on a canary."
+    canary = deployment.challenger is not None and deployment.config.canary_percent > 0
+    return [deployment.champion] + ([deployment.challenger] if canary else [])
+
+def quantile_answers(deployment: Deployment,
+                     result: dict,        # `Deployment.predict`'s answers: predictions and the version of each row
+                     quantiles: tuple,    # checked levels (`parse_quantiles`)
+                    ) -> dict[str, list[float]]:
+    "Quantile -> its forecast per row, from the intervals of the version that answered the row."
+    preds, versions = np.asarray(result["predictions"]), np.asarray(result["model_versions"])
+    out = np.zeros((len(quantiles), len(preds)))
+    for fc in serving(deployment):
+        mine = versions == fc.version
+        if mine.any(): out[:, mine] = fc.quantiles(preds[mine], quantiles)
+    return {quantile_key(q): values.tolist() for q, values in zip(quantiles, out)}
+
 # %% ../nbs/45_service.ipynb #7d2e9a46
 web = FastAPI(title="cd4ml web page", openapi_url=None, docs_url=None, redoc_url=None)
 web.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -248,10 +283,12 @@ class Forecast:
     def deployment(self) -> Deployment: return self.serving.deployment
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
-    async def predict(self, rows: Rows) -> PredictResponse:
-        "Forecast units for each row; 400/413/422 with the field and value for rows that can't be forecast."
+    async def predict(self, rows: Rows, quantiles: tuple | None = None) -> PredictResponse:
+        "Forecast units for each row (and `quantiles` of each); 400/413/422 naming the field and value of what can't be."
         started, (deployment, batcher) = time.perf_counter(), self.serving   # this request's, even across a swap
-        try: check_rows(rows, deployment.catalog)          # parsed by `PredictRequest`, checked here against the model
+        try:
+            check_rows(rows, deployment.catalog)          # parsed by `PredictRequest`, checked here against the model
+            for fc in serving(deployment): fc.check_quantiles(quantiles)
         except RequestError as e:
             record_rejection(e, len(rows), self.rejections)
             return _error(e)
@@ -259,6 +296,7 @@ class Forecast:
         _count(result)
         body = deployment.respond(rows, result, started)
         self.counters.sync(deployment.live)                 # rows asked again after their actual was posted
+        if quantiles: body["quantiles"] = quantile_answers(deployment, result, quantiles)
         return PredictResponse(**body)
 
     @bentoml.api(route="/feedback", input_spec=FeedbackRequest, output_spec=FeedbackResponse)
@@ -312,11 +350,14 @@ class Forecast:
         try: recent = fc.recent(store_nbr, item_nbr, days)      # the series state's window: at most 112 days
         except Cd4mlError as e: return _error(RequestError(str(e), "days", days, 422))
         ahead = fc.outlook(store_nbr, item_nbr, onpromotion)
+        band = fc.quantiles(ahead.prediction, INTERVAL) if fc.intervals else np.full((2, len(ahead)), None)
         return {"store_nbr": store_nbr, "item_nbr": item_nbr, "model_version": fc.version,
+                "interval": list(INTERVAL) if fc.intervals else None,
                 "actual": [{"date": d.date().isoformat(), "unit_sales": float(v)}
                            for d, v in zip(recent.date, recent.unit_sales)],
-                "forecast": [{"date": d.date().isoformat(), "prediction": float(v)}
-                             for d, v in zip(ahead.date, ahead.prediction)]}
+                "forecast": [{"date": d.date().isoformat(), "prediction": float(v),
+                              **({"low": float(lo), "high": float(hi)} if fc.intervals else {})}
+                             for d, v, lo, hi in zip(ahead.date, ahead.prediction, *band)]}
 
 Forecast.add_asgi_middleware(TokenGuard, tokens=load_tokens(), protect_predict=CONFIG.protect_predict)  # first: outermost
 IN_FLIGHT = Counter()   # POST requests inside the service by path: the batcher waits for /predicts still being parsed

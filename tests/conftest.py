@@ -269,11 +269,13 @@ def simulated_tables():
     return hand_made_tables
 
 def build_registry(home: Path) -> dict:
-    """Dataset + two ridge models (16 days ahead) registered as `sales` v1 (champion) and v2 (challenger), in CD4ML_HOME=`home`
+    """Dataset + two ridge models (16 days ahead) registered as `sales` v1 (champion, with forecast intervals) and v2
+    (challenger, without), in CD4ML_HOME=`home`
     (this process must be on it). Returns the dataset and both fitted models, for offline comparisons."""
     import mlflow, mlflow.sklearn, pandas as pd
     from cd4ml import features, models
     from cd4ml.datasets import save_dataset
+    from cd4ml.intervals import INTERVALS_TAG, calibrate
     ds = save_dataset(hand_made_tables(), source="tests simulated")
     end = pd.Timestamp(ds.meta["end"])
     frame = features.training_frame(ds, [end - pd.Timedelta(days=d) for d in (16, 30, 44, 58)], 16)
@@ -288,6 +290,10 @@ def build_registry(home: Path) -> dict:
                                      pip_requirements=["scikit-learn", "numpy", "pandas"])
         client.set_model_version_tag("sales", version, "dataset_version", ds.version)
         for tag, value in (("horizon", "16"), ("freq", "D")): client.set_model_version_tag("sales", version, tag, value)   # as trained
+        if version == "1":   # v1 registered with forecast intervals (as the register step does), v2 without
+            valid = features.training_frame(ds, [end - pd.Timedelta(days=16)], 16)
+            client.set_model_version_tag("sales", version, INTERVALS_TAG,
+                                         json.dumps(calibrate(valid.unit_sales, models.predict(model, valid))))
         client.set_registered_model_alias("sales", alias, version)
         fitted[version] = model
     return {"dataset": ds, "models": fitted}

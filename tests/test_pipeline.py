@@ -93,7 +93,8 @@ def test_mlflow_records(base, env):
         assert child.data.params["model"] == c["model"]
         assert child.data.metrics == pytest.approx(c["metrics"], rel=1e-15)
         assert child.data.tags["cd4ml.cached"] == "False"
-        assert "importance.csv" in {a.path for a in client.list_artifacts(c["run_id"])}
+        assert {"importance.csv", "intervals.json"} <= {a.path for a in client.list_artifacts(c["run_id"])}
+        assert 0 < c["metrics"]["interval_coverage"] < 1                     # logged with the candidate's run
     ridge = next(c for c in base["candidates"] if c["model"] == "ridge")
     info = mlflow.models.get_model_info(ridge["model_uri"])
     assert "mean_14d" in info.signature.inputs.input_names()
@@ -251,6 +252,21 @@ def test_default_run_noise_floor_and_lightgbm_champion(default_run):
     assert r["best"]["model"] == "lightgbm" and r["release"]["promoted"]        # a LightGBM champion, built, served and promoted ...
     parity = next(g for g in r["release"]["gates"] if g["gate"] == "parity")
     assert parity["result"] == "pass" and parity["value"] <= 1e-9               # ... answering as offline to 1e-9
+
+
+def test_default_run_intervals_cover_80_percent_and_are_registered(default_run):
+    import json
+    r = default_run.result
+    gated = next(c for c in r["candidates"] if c["model"] == r["gated"]["model"])
+    coverage = gated["metrics"]["interval_coverage"]                            # calibrated on one validation origin, counted on the other
+    assert 0.75 <= coverage <= 0.85, coverage                                    # the 80 ± 5 % target, on the default data
+    gates = {g["gate"]: g for g in r["gates"]}
+    assert gates["min_interval_coverage"]["value"] == pytest.approx(coverage) and gates["max_interval_coverage"]["result"] == "pass"
+    parent = default_run.client.get_run(r["parent_run_id"]).data.metrics
+    assert parent["best_interval_coverage"] == pytest.approx(r["best"]["metrics"]["interval_coverage"])
+    version = default_run.client.get_model_version("sales", r["registered"]["version"])
+    intervals = json.loads(version.tags["intervals"])                           # what the service and cd4ml.predict read
+    assert intervals["offsets"][9] < 0 < intervals["offsets"][89] and intervals["n"] > 1000
 
 
 def test_default_run_reports_show_only_the_run(default_run):

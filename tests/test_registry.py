@@ -54,7 +54,7 @@ def cli(*args):
 def test_pass_path_challenger_then_champion(store):
     assert (store["version"], store["aliases"], store["status"]) == ("1", ["champion"], "champion")
     assert (store["dataset_version"], store["git_sha"]) == ("ds-000000000001", "a1b2c3d4e5f6")
-    assert [g["result"] for g in store["gates"]] == ["pass"] * 5
+    assert [g["result"] for g in store["gates"]] == ["pass"] * 7   # coverage not measured: passes, saying so
     assert store["nwrmsle"] < 0.1 and store["champion_at_registration"] is None
     # without auto-promotion a passing candidate is only challenger
     v2, _, _ = gate_and_register(*train(), {**LOOSE, "auto_promote": False}, dataset="ds-000000000002")

@@ -105,7 +105,7 @@ def test_first_run_registers_champion(first, env, models):
     assert (v1["version"], v1["aliases"], v1["status"], v1["run_id"], v1["dataset_version"]) == \
            ("1", ["champion"], "champion", run_id, first["dataset"])
     assert v1["nwrmsle"] == pytest.approx(scores[gated], rel=1e-12) and v1["git_sha"]
-    assert [g["result"] for g in v1["gates"]] == ["pass"] * 5 and v1["acceptance"]["min_improvement_vs_baseline"] == 0.02
+    assert [g["result"] for g in v1["gates"]] == ["pass"] * 7 and v1["acceptance"]["min_improvement_vs_baseline"] == 0.02
     candidate = mlflow.get_run(run_id)
     assert candidate.data.tags["status"] == "registered" and candidate.data.tags["gates_passed"] == "true"
     assert {"gates/gates.json", "gates/segments.json", "gates/segments.png", "gates/importance.png",

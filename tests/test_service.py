@@ -122,6 +122,8 @@ def test_embedded_predict_matches_the_service(served):
     rows = catalog_rows(served["dataset"], 16, 300, seed=9)
     np.testing.assert_allclose(deployment.predict(rows), offline(served, "1", rows), rtol=0, atol=1e-9)
     np.testing.assert_allclose(deployment.predict(as_request(rows), model_version=2), offline(served, "2", rows), rtol=0, atol=1e-9)
+    with pytest.raises(Exception, match="model version 2 was registered without intervals"):
+        deployment.predict(rows, model_version=2, quantiles=[0.1, 0.9])
 
 def test_prediction_log_has_every_request_with_shadow(served):
     from cd4ml.logstore import read_log
@@ -196,6 +198,12 @@ BAD = [  # (body or raw bytes, expected status, text the message must contain)
     ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}] * 1001}, 400, "1001 rows; at most 1000"),
     ([{"date": "2017-05-03"}], 400, "validation error"),
     (b"{not json", 400, "validation error"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}], "quantiles": [0.1, 1.2]}, 400, "quantiles[1] must be a number strictly between 0 and 1; got 1.2"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}], "quantiles": [0.9, 0.1]}, 400, "quantiles[1] must be greater than quantiles[0]"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}], "quantiles": ["0.1"]}, 400, "quantiles[0] must be a number strictly between 0 and 1; got '0.1'"),
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}], "quantiles": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}, 400, "quantiles has 6 levels; at most 5"),
+    # the canary's v2 was registered without intervals: asking for quantiles while it may answer is refused
+    ({"rows": [{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}], "quantiles": [0.1, 0.9]}, 422, "quantiles: model version 2 was registered without intervals"),
     (b'{"rows": [' + b'{"date": "2017-05-03", "store_nbr": 1, "item_nbr": 100, "onpromotion": false},' * 20000 + b"]}", 413, "over the limit"),
 ]
 
@@ -293,6 +301,11 @@ def test_bento_build_and_serve_behave_the_same(served, running_server, api_token
         body = post(base, as_request(rows)).json()
         assert body["model_versions"] == ["1"] * 60
         np.testing.assert_allclose(body["predictions"], offline(served, "1", rows), rtol=0, atol=1e-9)
+        import cd4ml                                                  # the Bento packages v1's intervals: same quantiles
+        asked = httpx.post(f"{base}/predict", json={"rows": as_request(rows), "quantiles": [0.1, 0.5, 0.9]}, timeout=60).json()
+        embedded = cd4ml.predict(rows, model_version=1, quantiles=[0.1, 0.5, 0.9])
+        for q in ("0.1", "0.5", "0.9"): np.testing.assert_allclose(asked["quantiles"][q], embedded[q], rtol=0, atol=1e-9)
+        assert (np.array(asked["quantiles"]["0.1"]) < np.array(asked["quantiles"]["0.9"])).mean() > 0.9
         assert post(base, [{"date": "2017-05-03", "store_nbr": 77, "item_nbr": 100, "onpromotion": False}]).status_code == 422
         r = httpx.post(f"{base}/admin/reload", headers=api_token.headers)   # a Bento is immutable: rollout is by image
         assert r.status_code == 409 and "Bento image" in r.json()["error"] and r.json()["serving"] == {"champion": "1"}

@@ -4,6 +4,7 @@ a bad choice shows a clear message."""
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -37,9 +38,33 @@ def test_forecast_from_the_page(page_server, browser):
     assert page.eval_on_selector_all("#chart rect.actual", "rs => rs.length") == 56
     assert page.eval_on_selector_all("#chart rect.forecast, #chart rect.target", "rs => rs.length") == 16
     assert page.get_attribute("#chart rect.target", "data-date") == "2017-05-04"
+    band = page.get_attribute("#chart polygon.band", "points").split()       # v1 has intervals: its 10-90 % band
+    assert len(band) == 2 * 16 and page.is_visible("#band-legend") and "10–90 % interval" in page.text_content("#band-legend")
+    import cd4ml
+    low, high = cd4ml.predict(row, quantiles=[0.1, 0.9])[["0.1", "0.9"]].iloc[0]
+    assert f"10–90 % interval {low:.1f} – {high:.1f}" in page.text_content("#range")
     assert page.is_hidden("#message") and not errors
     if os.environ.get("CD4ML_SCREENSHOTS"):                           # opt-in: look at the page as a person would
         page.screenshot(path=str(Path(os.environ["CD4ML_SCREENSHOTS"])/"forecast-page.png"), full_page=True)
+
+def test_quantiles_served_equal_embedded(page_server):
+    "`POST /predict` with quantiles (the registry's server) and `cd4ml.predict` give the same numbers; /history the band."
+    import cd4ml, httpx
+    from cd4ml.release import as_request, catalog_rows
+    rows = catalog_rows(page_server["dataset"], 16, 200, seed=4)
+    body = httpx.post(f"{page_server['base']}/predict", json={"rows": as_request(rows), "quantiles": [0.1, 0.9]}, timeout=60).json()
+    embedded = cd4ml.predict(rows, quantiles=[0.1, 0.9])
+    np.testing.assert_allclose(body["predictions"], embedded.prediction, rtol=0, atol=1e-9)
+    for q in ("0.1", "0.9"): np.testing.assert_allclose(body["quantiles"][q], embedded[q], rtol=0, atol=1e-9)
+    low, mid, high = (np.array(v) for v in (body["quantiles"]["0.1"], body["predictions"], body["quantiles"]["0.9"]))
+    assert (low <= mid).all() and (mid <= high).all() and (high > low).mean() > 0.9
+    assert "quantiles" not in httpx.post(f"{page_server['base']}/predict", json={"rows": as_request(rows.head(2))}).json()
+    h = httpx.get(f"{page_server['base']}/history", params={"store_nbr": 2, "item_nbr": 104}).json()
+    days = pd.DataFrame({"date": pd.date_range("2017-05-01", periods=16), "store_nbr": 2, "item_nbr": 104, "onpromotion": False})
+    ahead = cd4ml.predict(days, quantiles=[0.1, 0.9])
+    assert h["interval"] == [0.1, 0.9]
+    np.testing.assert_allclose([f["low"] for f in h["forecast"]], ahead["0.1"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose([f["high"] for f in h["forecast"]], ahead["0.9"], rtol=0, atol=1e-9)
 
 def test_bad_choices_show_a_message(page_server, browser):
     page = browser.new_page()

@@ -58,7 +58,7 @@ def test_weekly_import_trains_releases_and_promotes(weekly):
     assert (rel["status"], rel["version"], rel["promoted"], rel["champion"]) == ("passed", "1", True, "1"), rel["gates"]
     assert rel["smoke"] == {"/livez": 200, "/readyz": 200, "/predict": 200}
     assert rel["measured"]["errors"] == 0 and rel["measured"]["parity_max_abs_diff"] <= 1e-9
-    assert [g["result"] for g in out["gates"] + rel["gates"]] == ["pass"] * 10
+    assert [g["result"] for g in out["gates"] + rel["gates"]] == ["pass"] * 12
     v1 = registry.describe_version("1")
     assert (v1["status"], v1["horizon"], v1["freq"], v1["dataset_version"]) == ("champion", HORIZON, "W", weekly["dataset"]["version"])
 

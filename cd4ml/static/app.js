@@ -62,15 +62,22 @@ async function forecast() {
     $("what").textContent = `store ${c.store}, item ${c.item} on ${c.date}${c.promo ? " (on promotion)" : ""} · model ${res.model_version}`;
     $("answer").hidden = false;
     const hist = await getJSON(`history?store_nbr=${c.store}&item_nbr=${c.item}&onpromotion=${c.promo}`);
+    const day = hist.forecast.find((f) => f.date === c.date);
+    $("range").textContent = hist.interval && day ? ` (${label(hist.interval)} interval ${day.low.toFixed(1)} – ${day.high.toFixed(1)})` : "";
     draw(hist, c.date);
   } catch (e) { say(e.message); }
 }
 
-function draw(hist, target) {       // bars: actual (blue), forecast (red), the chosen day (yellow)
+function label(interval) {          // [0.1, 0.9] → "10–90 %"
+  return `${Math.round(interval[0] * 100)}–${Math.round(interval[1] * 100)} %`;
+}
+
+function draw(hist, target) {       // bars: actual (blue), forecast (red), the chosen day (yellow); the model's interval as a band
   const svg = $("chart"), W = 720, H = 260, left = 36, bottom = 24, top = 10;
   const points = hist.actual.map((a) => ({ date: a.date, v: a.unit_sales, kind: "actual" }))
     .concat(hist.forecast.map((f) => ({ date: f.date, v: f.prediction, kind: f.date === target ? "target" : "forecast" })));
-  const max = Math.max(1, ...points.map((p) => p.v));
+  const band = hist.interval ? hist.forecast : [];
+  const max = Math.max(1, ...points.map((p) => p.v), ...band.map((f) => f.high));
   const bw = (W - left) / points.length;
   const y = (v) => H - bottom - (v / max) * (H - bottom - top);
   let out = `<line class="axis" x1="${left}" y1="${H - bottom}" x2="${W}" y2="${H - bottom}"/>`;
@@ -81,7 +88,14 @@ function draw(hist, target) {       // bars: actual (blue), forecast (red), the 
     out += `<rect class="${p.kind}" data-date="${p.date}" x="${(x + 1).toFixed(1)}" y="${y(p.v).toFixed(1)}" width="${Math.max(1, bw - 2).toFixed(1)}" height="${h.toFixed(1)}"><title>${p.date}: ${p.v.toFixed(1)}</title></rect>`;
     if (i % (catalog.step_days === 1 ? 7 : 2) === 0 && x < W - 30) out += `<text x="${x.toFixed(1)}" y="${H - 8}">${p.date.slice(5)}</text>`;
   });
+  if (band.length) {                // from the low end to the high end of each forecast day, through the bars' centres
+    const x = (j) => (left + (hist.actual.length + j + 0.5) * bw).toFixed(1);
+    const edge = (end) => band.map((f, j) => `${x(j)},${y(f[end]).toFixed(1)}`);
+    out += `<polygon class="band" points="${edge("high").concat(edge("low").reverse()).join(" ")}"><title>${label(hist.interval)} interval</title></polygon>`;
+  }
   svg.innerHTML = out;
+  $("band-legend").hidden = !band.length;
+  $("band-legend").lastChild.textContent = band.length ? ` ${label(hist.interval)} interval` : "";
   $("chart-box").hidden = false;
 }
 
