@@ -78,7 +78,7 @@ def check_released(client: mlflow.MlflowClient, home: Path, result: dict, scratc
     "The run's release built, served and parity-checked exactly the version it registered, pinned in its Bento."
     version, rel = result["registered"]["version"], result["release"]
     assert (rel["status"], rel["version"]) == ("passed", version)
-    assert rel["smoke"] == {"/livez": 200, "/readyz": 200, "/predict": 200}
+    assert rel["smoke"] == {"/livez": 200, "/readyz": 200, "/predict": 200, "/feedback": 200}
     m = rel["measured"]
     assert m["versions_match"] is True and m["parity_max_abs_diff"] <= 1e-9 and m["errors"] == 0   # served = its own version
     recorded = json.loads(Path(client.download_artifacts(result["parent_run_id"], "release/release.json", str(scratch))).read_text())
