@@ -5,13 +5,15 @@ history of 130 days, stored in parts as the dask engine stores them; CD4ML_BENCH
 registered ridge model is served three ways on loopback, one process each:
 
 - cd4ml            `cd4ml serve`: checks each row against the catalog, micro-batches concurrent requests, computes the
-                   features of the rows its answer cache lacks from its series state (`cd4ml.state`), runs the model on
-                   them, logs every request to the prediction log.
+                   features of the rows its answer cache lacks from its series state (`cd4ml.state`), runs the model
+                   compiled at load on them (`cd4ml.compiled`: numpy arithmetic on the feature array, the same answers
+                   as the sklearn model's predict to 1e-9), logs every request to the prediction log.
 - mlflow-rows      `mlflow models serve` of a pyfunc holding the same series state and model: computes the features of
-                   the raw rows and runs the model, for every request. The like-for-like peer: cd4ml's work minus the
-                   checks, the batching, the cache and the log.
+                   the raw rows and calls the sklearn model's predict on a DataFrame of them, for every request. The
+                   like-for-like peer: cd4ml's work minus the checks, the batching, the cache, the log and the compiling.
 - mlflow-features  `mlflow models serve` of the same sklearn model, sent feature rows the bench computed beforehand
-                   (`dataframe_split` of FEATURES): it runs the model only; the features cost it nothing here.
+                   (`dataframe_split` of FEATURES): it calls the sklearn model's predict only; the features cost it
+                   nothing here.
 
 Three loads, each at concurrency 1 and 16: hot (one row, repeated), cold (single rows drawn uniformly over the whole
 catalog: any store, item, forecastable day and promotion, fresh in every round, so no cache holds them), batch (1,000
@@ -346,7 +348,7 @@ def report(series: int, out: dict) -> bool:
     return all(met for _, met, _ in checks)
 
 def main() -> int:
-    print(__doc__.split("\n\n")[1])
+    print("\n\n".join(__doc__.split("\n\n")[1:4]))   # the sizes, what each server does, the loads and targets
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(os.environ.get("CD4ML_BENCH_HOME") or tmp)
         outs = {series: bench_size(root, series) for series in SERIES}
