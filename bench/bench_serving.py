@@ -1,6 +1,6 @@
 """Benchmark the forecast service like for like: `cd4ml serve` and two `mlflow models serve` peers, same model, same rows.
 
-For each catalog size (16,200 and 210,000 series by default: 54 stores x 300 and x 3,900 items, simulated over a short
+For each catalog size (16,200 and 210,600 series by default: 54 stores x 300 and x 3,900 items, simulated over a short
 history of 130 days, stored in parts as the dask engine stores them; CD4ML_BENCH_SERIES=16200 to run one), one
 registered ridge model is served three ways on loopback, one process each:
 
@@ -20,7 +20,7 @@ catalog: any store, item, forecastable day and promotion, fresh in every round, 
 such rows a request). Printed: requests/s, p50 and p99 latency, the server's CPU milliseconds per request (its whole
 process group), ratios measured in this run, and each target met or not: cold p99 <= 50 ms at concurrency 16; cold
 throughput >= 2x mlflow-rows' at concurrency 16; a batch of 1,000 rows answered in <= 200 ms (p99, concurrency 1);
-at 210,000 series, cd4ml ready <= 60 s after start with RSS <= 4 GB. Exit code 1 if a target is missed.
+at 210,600 series, cd4ml ready <= 60 s after start with RSS <= 4 GB. Exit code 1 if a target is missed.
 
 The load generator is the same for every server and deliberately cheap: HTTP/1.1 keep-alive connections on raw asyncio
 streams (one per concurrent client), each request's bytes encoded before the clock starts. (With httpx's AsyncClient,
@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 BIN = Path(sys.executable).parent
-SERIES = [int(s) for s in os.environ.get("CD4ML_BENCH_SERIES", "16200,210000").split(",")]
+SERIES = [int(s) for s in os.environ.get("CD4ML_BENCH_SERIES", "16200,210600").split(",")]
 STORES, DAYS, HORIZON = 54, 130, 16
 REQUESTS = {"hot": {1: 200, 16: 800}, "cold": {1: 200, 16: 800}, "batch": {1: 10, 16: 32}}   # per round
 BATCH_ROWS, ROUNDS = 1000, 2
