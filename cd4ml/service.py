@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['CONFIG', 'STATIC', 'PREDICTED_ROWS', 'CACHE', 'LIVE', 'web', 'IN_FLIGHT', 'StoreItem', 'Row', 'PredictRequest',
            'FeedbackRow', 'FeedbackRequest', 'FeedbackResponse', 'PredictResponse', 'RequestGuard', 'count_cache',
-           'LiveCounters', 'live_accuracy', 'Forecast']
+           'LiveCounters', 'live_accuracy', 'freeze_loaded', 'Forecast']
 
 # %% ../nbs/45_service.ipynb #8bedcd11
 import datetime as dt
-import threading, time
+import gc, threading, time
 from collections import Counter
 
 import bentoml
@@ -189,6 +189,12 @@ def live_accuracy(deployment: Deployment, counters: LiveCounters) -> dict:
     counters.sync(deployment.live)
     return deployment.live.metrics()
 
+# %% ../nbs/45_service.ipynb #6b77e227
+def freeze_loaded():
+    "Leave everything loaded so far (libraries, model, series state) out of the garbage collector's full passes."
+    gc.collect()      # what is garbage now is freed, not kept for good
+    gc.freeze()
+
 # %% ../nbs/45_service.ipynb #7d2e9a46
 web = FastAPI(title="cd4ml web page", openapi_url=None, docs_url=None, redoc_url=None)
 web.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -211,6 +217,7 @@ class Forecast:
         for fc in (self.deployment.champion, self.deployment.challenger):
             if fc is not None: count_cache(fc)
         live_accuracy(self.deployment, self.counters)
+        freeze_loaded()
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
     async def predict(self, rows: Rows) -> PredictResponse:
