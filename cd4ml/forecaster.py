@@ -13,7 +13,8 @@ import pandas as pd
 from .datasets import Dataset
 from .contract import Catalog, RequestError, Rows
 from .intervals import bounds, quantile_range
-from . import features, models
+from . import features
+from .compiled import compile_model
 from .state import answer_keys, history_end, recent_units, series_state, state_features
 
 # %% auto #0
@@ -72,6 +73,7 @@ class Forecaster:
                  cache_rows: int = 500_000,    # most answers kept (least recently used evicted first; 0: none)
                  intervals: dict | None = None): # its stored intervals (`intervals.calibrate`); None: no quantiles
         self.model, self.version, self.info, self.intervals = model, str(version), dict(info or {}), intervals
+        self.units = compile_model(model)   # units (>= 0) of a feature array, as `models.predict` gives them
         tables = features.tables_of(data, ["stores", "items"])
         self.origin = history_end(data)
         self.catalog = Catalog(tables["stores"], tables["items"], self.origin, max_horizon, features.freq_of(data))
@@ -89,8 +91,7 @@ class Forecaster:
         values, missing = self.cache.get(keys.tolist())
         if missing.any():                   # one model call for the rows not kept, each distinct row once
             todo, first, back = np.unique(keys[missing], return_index=True, return_inverse=True)
-            fresh = np.asarray(models.predict(self.model, self.features(rows[np.flatnonzero(missing)[first]])),
-                               dtype="float64")
+            fresh = np.asarray(self.units(state_features(self.state, rows[np.flatnonzero(missing)[first]])), "float64")
             values[missing] = fresh[back]
             self.cache.put(todo.tolist(), fresh.tolist())
         return values

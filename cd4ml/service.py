@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['CONFIG', 'STATIC', 'PREDICTED_ROWS', 'CACHE', 'LIVE', 'RELOADS', 'DROPPED', 'web', 'IN_FLIGHT', 'StoreItem', 'Row',
            'PredictRequest', 'FeedbackRow', 'FeedbackRequest', 'FeedbackResponse', 'PredictResponse', 'RequestGuard',
-           'count_cache', 'LiveCounters', 'live_accuracy', 'count_drops', 'serving', 'quantile_answers', 'Serving',
-           'Forecast']
+           'count_cache', 'LiveCounters', 'live_accuracy', 'count_drops', 'serving', 'quantile_answers',
+           'freeze_loaded', 'Serving', 'Forecast']
 
 # %% ../nbs/45_service.ipynb #8bedcd11
 import datetime as dt
-import threading, time
+import gc, threading, time
 from collections import Counter
 from typing import NamedTuple
 
@@ -239,6 +239,12 @@ def quantile_answers(deployment: Deployment,
         if mine.any(): out[:, mine] = fc.quantiles(preds[mine], quantiles)
     return {quantile_key(q): values.tolist() for q, values in zip(quantiles, out)}
 
+# %% ../nbs/45_service.ipynb #6b77e227
+def freeze_loaded():
+    "Leave everything loaded so far (libraries, model, series state) out of the garbage collector's full passes."
+    gc.collect()      # what is garbage now is freed, not kept for good
+    gc.freeze()
+
 # %% ../nbs/45_service.ipynb #7d2e9a46
 web = FastAPI(title="cd4ml web page", openapi_url=None, docs_url=None, redoc_url=None)
 web.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -270,6 +276,7 @@ class Forecast:
         for outcome in ("swapped", "failed"): RELOADS.labels(outcome=outcome)    # listed at 0 from the start
         self.follower = None if bento else RegistryFollower(lambda: self.deployment, self._install,
                                                             self.config.reload_seconds, _count_reload).start()
+        freeze_loaded()
 
     def _install(self, deployment: Deployment):
         "Serve `deployment` from now on: its answer caches counted, a batcher of its own, one assignment."
