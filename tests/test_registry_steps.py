@@ -88,7 +88,7 @@ def test_first_run_registers_champion(first, env, models):
     assert (first["release"]["status"], first["release"]["promoted"]) == ("skipped", True)   # registered as challenger, then promoted
     assert [(g["gate"], g["result"]) for g in first["gates"]] == [
         ("max_nwrmsle", "pass"), ("min_improvement_vs_baseline", "pass"), ("max_regression_vs_champion", "pass"),
-        ("max_segment_ratio", "pass"), ("contract", "pass")]
+        ("max_segment_ratio", "pass"), ("contract", "pass"), ("min_interval_coverage", "pass"), ("max_interval_coverage", "pass")]
     assert "no champion" in gate(first, "max_regression_vs_champion")["detail"]
     assert first["registered"] == {"name": "sales", "version": "1", "aliases": ["champion"]}
     # the gated candidate is the best model that is not a baseline, and it beats the moving average by the threshold
