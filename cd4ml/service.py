@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 
 from .core import Cd4mlError
 from .bento import PACKAGE, load_from_bento, model_source
-from .contract import INT_RANGE, RequestError, Rows, check_known, check_rows, parse_columns, parse_feedback
+from .contract import INT_RANGE, UNIT_SALES_RANGE, RequestError, Rows, check_known, check_rows, parse_columns, parse_feedback
 from .deployment import Deployment, ServeConfig, load_deployment
 from .forecaster import Forecaster
 from .batcher import MicroBatcher
@@ -67,14 +67,16 @@ class FeedbackRow(StoreItem):
     "The actual units sold of one store-item-day."
     date: dt.date = Field(description="the day, YYYY-MM-DD (weekly data: a day of its weekly grid, "
                                       "with the week's total units)")
-    unit_sales: float = Field(description="units (or kg) sold that day; negative for returns")
-    onpromotion: StrictBool | None = Field(None, description="whether the item was on promotion that day (optional; "
-                                                              "retraining uses it for days nobody asked about)")
+    unit_sales: float = Field(ge=UNIT_SALES_RANGE[0], le=UNIT_SALES_RANGE[1],
+                              description="units (or kg) sold that day; negative for returns")
+    onpromotion: StrictBool = Field(description="whether the item was on promotion that day (what happened, not "
+                                                "what a forecast request asked)")
 
 class FeedbackRequest(BaseModel):
     "Posted actuals: its `rows` reach the API as the frame `contract.parse_feedback` returns."
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example":
-        {"rows": [{"date": "2017-08-16", "store_nbr": 1, "item_nbr": 103665, "unit_sales": 4.0}]}})
+        {"rows": [{"date": "2017-08-16", "store_nbr": 1, "item_nbr": 103665, "unit_sales": 4.0,
+                   "onpromotion": False}]}})
     rows: list[FeedbackRow] = Field(min_length=1, max_length=10_000)
 
     @model_validator(mode="wrap")
@@ -228,8 +230,8 @@ class Forecast:
 
     @bentoml.api(route="/feedback", input_spec=FeedbackRequest, output_spec=FeedbackResponse)
     def feedback(self, rows: pd.DataFrame) -> FeedbackResponse:
-        "Record actual units sold; 400/422 with the field and value for malformed rows or an unknown store/item."
-        try: frame = check_known(rows, self.deployment.catalog)   # parsed by `FeedbackRequest`
+        "Record actual units sold; 400/422 with the field and value for malformed rows, an unknown store/item or a day not served."
+        try: frame = check_known(rows, self.deployment.catalog, self.deployment.live.days)   # parsed by `FeedbackRequest`
         except RequestError as e: return _error(e)
         recorded = record_feedback(frame, live=self.deployment.live)
         return FeedbackResponse(**recorded, live=live_accuracy(self.deployment, self.counters))
