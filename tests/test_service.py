@@ -142,7 +142,8 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served, api_tok
     from cd4ml.predlog import read_feedback, read_log
     base, home = served["base"], served["home"]
     rows = catalog_rows(served["dataset"], 16, 300, seed=13)
-    assert post(base, as_request(rows)).status_code == 200
+    asked_here = [post(base, as_request(rows))]
+    assert asked_here[0].status_code == 200
     def actuals(frame, units, flip=None):    # flip: where the day's promotion was not what the request asked
         flip = np.zeros(len(frame), bool) if flip is None else flip
         return [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u),
@@ -150,7 +151,8 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served, api_tok
                 for d, s, i, u, p, f in zip(frame.date, frame.store_nbr, frame.item_nbr, units, frame.onpromotion, flip)]
     first = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[:200], np.arange(200) % 7)}, headers=api_token.headers, timeout=60)
     assert first.status_code == 200, first.text
-    assert post(base, as_request(rows.iloc[150:250])).status_code == 200        # asked again after their actuals
+    asked_here.append(post(base, as_request(rows.iloc[150:250])))                 # asked again after their actuals
+    assert asked_here[1].status_code == 200
     second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25, flip=np.arange(200) >= 150)},
                         headers=api_token.headers, timeout=60)
     assert second.status_code == 200, second.text                                 # 100 actuals replaced
@@ -168,7 +170,9 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served, api_tok
     flags |= dict(zip(zip(rows.date[100:], rows.store_nbr[100:], rows.item_nbr[100:]),            # then the second's
                       rows.onpromotion[100:] != (np.arange(200) >= 150)))
     asked = set(zip(rows.date, rows.store_nbr, rows.item_nbr, rows.onpromotion))
-    assert full["2"]["n"] == sum(flags[k[:3]] == k[3] for k in asked) < len(rows)   # shadow: each key once, what-ifs out
+    joined = monitor.join_feedback(monitor.served_frame(read_log(home/"predictions")), monitor.feedback_frame(read_feedback(home/"feedback")))
+    here = joined[(joined.model_version == "2") & joined.request_id.isin([r.json()["request_id"] for r in asked_here])]
+    assert len(here) == sum(flags[k[:3]] == k[3] for k in asked) < len(rows)     # shadow: each key once, what-ifs out
     counted = live_counters(httpx.get(f"{base}/metrics", timeout=30).text)      # what Prometheus adds up across pods
     assert counted[("1", "removed")]["rows"] > 0 and counted[("2", "removed")]["rows"] > 0   # the 100 replaced actuals
     for version, m in live.items():
