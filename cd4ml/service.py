@@ -148,7 +148,8 @@ def _count(result: dict):
     for v, n in Counter(result["model_versions"]).items(): PREDICTED_ROWS.labels(model_version=v, role="answer").inc(n)
     if result.get("shadow"):
         shadow = result["shadow"]
-        PREDICTED_ROWS.labels(model_version=shadow["model_version"], role="shadow").inc(len(shadow["predictions"]))
+        n = sum(p is not None for p in shadow["predictions"])       # None: a row outside the challenger's catalog
+        PREDICTED_ROWS.labels(model_version=shadow["model_version"], role="shadow").inc(n)
 
 CACHE = {name: bentoml.metrics.Counter(name=f"cd4ml_answer_cache_{name}", labelnames=["model_version"], documentation=doc)
          for name, doc in (("hits", "Rows answered from the answer cache, by model version"),

@@ -104,6 +104,9 @@ def test_a_challenger_retrained_on_reported_days_serves_the_days_it_can(served_r
         np.testing.assert_allclose(np.array(shadow["predictions"])[theirs].astype(float),
                                    offline(served["model"], grown, rows[theirs]), rtol=0, atol=1e-9)
         counted = fallback_rows(base)
+        predicted = [l for l in httpx.get(f"{base}/metrics", timeout=30).text.splitlines()
+                     if l.startswith("cd4ml_predicted_rows_total{") and f'model_version="{v}"' in l and 'role="shadow"' in l]
+        assert [float(l.split()[-1]) for l in predicted] == [theirs.sum()], predicted
         assert counted[("shadow", "catalog")] == (~theirs).sum(), counted
         assert counted[("canary", "catalog")] == (~theirs & route(rows, 50)).sum(), counted
         beyond = {"date": str((end + pd.Timedelta(days=17)).date()), "store_nbr": 1, "item_nbr": 100, "onpromotion": False}
