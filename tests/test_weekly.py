@@ -56,7 +56,7 @@ def test_weekly_import_trains_releases_and_promotes(weekly):
     out = json.loads(run.stdout)
     rel = out["release"]
     assert (rel["status"], rel["version"], rel["promoted"], rel["champion"]) == ("passed", "1", True, "1"), rel["gates"]
-    assert rel["smoke"] == {"/livez": 200, "/readyz": 200, "/predict": 200}
+    assert rel["smoke"] == {"/livez": 200, "/readyz": 200, "/predict": 200, "/feedback": 200}
     assert rel["measured"]["errors"] == 0 and rel["measured"]["parity_max_abs_diff"] <= 1e-9
     assert [g["result"] for g in out["gates"] + rel["gates"]] == ["pass"] * 10
     v1 = registry.describe_version("1")
