@@ -70,13 +70,13 @@ def feedback_dataset(report: dict) -> str:
     "The champion's dataset plus the feedback after its end, saved as a new dataset version (its meta: parent, ...)."
     from cd4ml import monitor
     from cd4ml.datasets import SALES, TABLES, load_dataset, save_dataset
-    from cd4ml.logstore import read_feedback, read_log
+    from cd4ml.logstore import read_feedback
     ds = load_dataset(report["dataset_version"])
     tables = {name: ds.table(name) for name in TABLES if name in ds}
-    served, feedback = monitor.served_frame(read_log()), monitor.feedback_frame(read_feedback())
-    grown = monitor.append_feedback(tables, served, feedback)
+    feedback = monitor.feedback_frame(read_feedback())
+    grown = monitor.append_feedback(tables, feedback)
     extra = {"parent": report["dataset_version"], "feedback_rows": report["feedback_rows"],
-             "unflagged_promotion_rows": monitor.unflagged_feedback(tables[SALES], served, feedback)}
+             "unflagged_promotion_rows": monitor.unflagged_feedback(tables[SALES], feedback)}
     return save_dataset(grown, source=f"{report['dataset_version']} + feedback (cd4ml monitor --retrain)",
                         freq=ds.meta.get("freq", "D"), extra=extra).version
 

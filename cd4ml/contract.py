@@ -14,7 +14,7 @@ from .core import Cd4mlError, jsonable
 from . import features
 
 # %% auto #0
-__all__ = ['ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'FEEDBACK_OPTIONAL', 'MAX_QUANTILES', 'RequestError', 'Rows',
+__all__ = ['ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'UNIT_SALES_RANGE', 'MAX_QUANTILES', 'RequestError', 'Rows',
            'parse_columns', 'parse_rows', 'parse_feedback', 'parse_quantiles', 'quantile_key', 'Catalog', 'check_rows',
            'check_known']
 
@@ -132,33 +132,35 @@ def parse_rows(rows, max_rows: int = 1000) -> pd.DataFrame:
     return parse_columns(rows, max_rows).to_frame()
 
 # %% ../nbs/40_contract.ipynb #45b37726
-FEEDBACK_FIELDS = ("date", "store_nbr", "item_nbr", "unit_sales")
-FEEDBACK_OPTIONAL = ("onpromotion",)   # on promotion that day? retraining needs it for rows nobody asked about
+FEEDBACK_FIELDS = ("date", "store_nbr", "item_nbr", "unit_sales", "onpromotion")
+UNIT_SALES_RANGE = (-100_000.0, 1_000_000.0)   # Favorita's extremes are -15,372 (a return) and 89,440 units a day:
+                                               # beyond these bounds a value is a typing or unit error, not a sale
+
+def _units(v, where: str) -> float:
+    "An actual `unit_sales`: a finite number within `UNIT_SALES_RANGE` (negative for returns)."
+    if not isinstance(v, (int, float, np.number)) or isinstance(v, (bool, np.bool_)) or not np.isfinite(v):
+        raise RequestError(f"{where} must be a finite number; got {v!r}", where, v)
+    low, high = UNIT_SALES_RANGE
+    if not low <= v <= high: raise RequestError(f"{where} must be from {low:,.0f} to {high:,.0f}; got {v!r}", where, v)
+    return float(v)
 
 def parse_feedback(rows,                    # feedback rows, as parsed from JSON
                    max_rows: int = 10_000,  # most rows accepted (413 beyond)
                   ) -> pd.DataFrame:
-    """Feedback rows `{date, store_nbr, item_nbr, unit_sales[, onpromotion]}` as a typed frame (`onpromotion` a nullable
-    boolean column when any row has it); a `RequestError` naming the first bad field."""
-    out = {name: [] for name in FEEDBACK_FIELDS + FEEDBACK_OPTIONAL}
-    for i, row in _checked_rows(rows, FEEDBACK_FIELDS, max_rows, FEEDBACK_OPTIONAL):
-        units, promo = row["unit_sales"], row.get("onpromotion")
-        number = isinstance(units, (int, float, np.number)) and not isinstance(units, (bool, np.bool_))
-        if not number or not np.isfinite(units):
-            raise RequestError(f"rows[{i}].unit_sales must be a finite number; got {units!r}", f"rows[{i}].unit_sales",
-                               units)
-        if promo is not None and not isinstance(promo, (bool, np.bool_)):
-            raise RequestError(f"rows[{i}].onpromotion must be true, false or absent; got {promo!r}",
-                               f"rows[{i}].onpromotion", promo)
+    "Feedback rows `{date, store_nbr, item_nbr, unit_sales, onpromotion}` as a typed frame; a `RequestError` naming the first bad field."
+    out = {name: [] for name in FEEDBACK_FIELDS}
+    for i, row in _checked_rows(rows, FEEDBACK_FIELDS, max_rows):
+        if not isinstance(row["onpromotion"], (bool, np.bool_)):
+            raise RequestError(f"rows[{i}].onpromotion must be true or false (was the item on promotion that day?); "
+                               f"got {row['onpromotion']!r}", f"rows[{i}].onpromotion", row["onpromotion"])
+        out["unit_sales"].append(_units(row["unit_sales"], f"rows[{i}].unit_sales"))
         out["date"].append(_as_date(row["date"], f"rows[{i}].date"))
-        for name in ("store_nbr", "item_nbr", "unit_sales", "onpromotion"): out[name].append(row.get(name))
-    frame = pd.DataFrame({"date": np.array(out["date"], dtype="datetime64[ns]"),
-                          "store_nbr": np.array(out["store_nbr"], dtype="int64"),
-                          "item_nbr": np.array(out["item_nbr"], dtype="int64"),
-                          "unit_sales": np.array(out["unit_sales"], dtype=float)})
-    if any(p is not None for p in out["onpromotion"]):
-        frame["onpromotion"] = pd.array(out["onpromotion"], dtype="boolean")
-    return frame
+        for name in ("store_nbr", "item_nbr", "onpromotion"): out[name].append(row[name])
+    return pd.DataFrame({"date": np.array(out["date"], dtype="datetime64[ns]"),
+                         "store_nbr": np.array(out["store_nbr"], dtype="int64"),
+                         "item_nbr": np.array(out["item_nbr"], dtype="int64"),
+                         "unit_sales": np.array(out["unit_sales"], dtype=float),
+                         "onpromotion": np.array(out["onpromotion"], dtype=bool)})
 
 # %% ../nbs/40_contract.ipynb #a7a08ac9
 MAX_QUANTILES = 5   # most quantile levels in one request
@@ -221,6 +223,11 @@ class Catalog:
                 return i, name, int(values[i])
         return None
 
+    def covers(self, frame) -> np.ndarray:
+        "True for each row whose store and item are known and whose day is forecastable (in the window, on the grid)."
+        known = [np.isin(np.asarray(frame[name]), list(ids)) for name, ids in self._ids.items()]
+        return known[0] & known[1] & ~self.outside(frame["date"]) & ~self.off_grid(frame["date"])
+
     def _days_after_end(self, dates) -> np.ndarray:
         return (np.asarray(dates, "datetime64[ns]") - self._end) // np.timedelta64(1, "D")
 
@@ -282,8 +289,14 @@ def check_rows(frame,             # typed request rows: a frame or `Rows`
 
 # %% ../nbs/40_contract.ipynb #2c5f81ab
 def check_known(frame: pd.DataFrame,   # typed feedback rows (`parse_feedback`)
-                catalog: Catalog) -> pd.DataFrame:
-    "`frame` if every store and item is known and every date on the grid, else a 422 `RequestError` for the first."
+                catalog: Catalog,
+                served,                # the days forecasts were served for, as 'YYYY-MM-DD' strings
+               ) -> pd.DataFrame:
+    "`frame` if every store and item is known and every day forecastable and served, else a 422 `RequestError` for the first."
     _refuse_unknown(frame, catalog)
+    _refuse_dates(frame, catalog.outside(frame["date"]), catalog.not_in_window)
     _refuse_dates(frame, catalog.off_grid(frame["date"]), catalog.not_on_grid)
+    days = np.datetime_as_string(np.asarray(frame["date"], "datetime64[D]"))
+    _refuse_dates(frame, ~np.isin(days, list(served)),
+                  lambda day: f"{day}: no forecast was served for that day; actuals are taken for served days only")
     return frame

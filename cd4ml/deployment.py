@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib, logging, os, threading, time, uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -20,9 +21,12 @@ from .predlog import LiveAccuracy
 from .registry import MODEL_NAME
 from . import features
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['ENV_PREFIX', 'log', 'ServeConfig', 'canary_bucket', 'route', 'Deployment', 'resolve_model', 'dataset_of',
-           'load_forecaster', 'load_deployment', 'check_models', 'predict', 'forget', 'reloaded', 'RegistryFollower']
+__all__ = ['log', 'ENV_PREFIX', 'ServeConfig', 'canary_bucket', 'route', 'check_challenger', 'Deployment', 'resolve_model',
+           'dataset_of', 'load_forecaster', 'load_deployment', 'check_models', 'predict', 'forget', 'reloaded',
+           'RegistryFollower']
 
 # %% ../nbs/44_deployment.ipynb #9fdf409c
 ENV_PREFIX = "CD4ML_"
@@ -106,6 +110,20 @@ def route(frame,                 # typed rows: a frame or `Rows`
     return canary_bucket(frame.store_nbr, frame.item_nbr) < canary_percent
 
 # %% ../nbs/44_deployment.ipynb #ddef1217
+def check_challenger(champion: Forecaster,    # or anything with its `version` and `catalog`
+                     challenger: Forecaster) -> None:
+    """A `Cd4mlError` when the challenger can forecast none of the champion's days: data of another frequency, or a
+    window with no day in common (a retrain on the served days' actuals ends where the champion's window ends)."""
+    mine, theirs = champion.catalog, challenger.catalog
+    def window(c: Catalog) -> str: return f"{c.dates()[0].date()}..{c.dates()[-1].date()} (history ends {c.history_end.date()})"
+    if mine.freq != theirs.freq:
+        raise Cd4mlError(f"challenger v{challenger.version} forecasts {theirs.grid()} data and champion "
+                         f"v{champion.version} {mine.grid()} data: it cannot shadow or canary it")
+    if mine.dates().intersection(theirs.dates()).empty:
+        raise Cd4mlError(f"challenger v{challenger.version} forecasts {window(theirs)} and champion v{champion.version} "
+                         f"{window(mine)}: no day in common, so shadow or canary would never reach it; serve without "
+                         "them, or promote the challenger (`cd4ml models promote`)")
+
 class Deployment:
     """The champion, optionally a challenger (shadow and/or canary), the config and the prediction log (of a store).
     Its versions never change: serving others is a new `Deployment` (`replaced`), so a request answers from one
@@ -114,7 +132,10 @@ class Deployment:
                  config: ServeConfig = ServeConfig(), log: PredictionLog | None = None):
         if (config.shadow or config.canary_percent > 0) and challenger is None:
             raise Cd4mlError("shadow or canary needs a challenger: register one with the alias 'challenger'")
+        if challenger is not None: check_challenger(champion, challenger)
         self.champion, self.challenger, self.config = champion, challenger, config
+        self.fallbacks: dict[tuple, int] = {}    # (role, reason) -> rows the champion answered alone (`_fall_back`)
+        self.on_fallback = None                  # also called as on_fallback(role, reason, rows): the service counts
         self.log = log if log is not None else open_store(config).log("predictions")   # `.store`: the others
         self.live: LiveAccuracy | None = None    # set by the service: kept up to date as requests are logged
 
@@ -142,18 +163,51 @@ class Deployment:
 
     def predict(self, frame) -> dict:
         "Predictions for checked rows (a frame or `Rows`): the answers, the version per row and any shadow predictions."
-        to_challenger = route(frame, self.config.canary_percent) if self.challenger else np.zeros(len(frame), bool)
-        shadow = self.challenger.predict(frame) if self.config.shadow else None
-        preds = self.champion.predict(frame) if not to_challenger.all() else np.zeros(len(frame))
-        versions = np.full(len(frame), self.champion.version, dtype=object)
+        n = len(frame)
+        covered = self.challenger.catalog.covers(frame) if self.challenger else np.zeros(n, bool)
+        shadow = self._shadow(frame, covered) if self.config.shadow else None
+        to_challenger = route(frame, self.config.canary_percent) if self.challenger else np.zeros(n, bool)
+        self._fall_back("canary", "catalog", to_challenger & ~covered)
+        to_challenger &= covered
         if to_challenger.any():
-            preds[to_challenger] = (shadow[to_challenger] if shadow is not None
-                                    else self.challenger.predict(frame[to_challenger]))
+            asked = shadow[to_challenger] if shadow is not None else self._ask(frame[to_challenger], "canary")
+            if asked is None: to_challenger[:] = False
+        preds = self.champion.predict(frame) if not to_challenger.all() else np.zeros(n)
+        versions = np.full(n, self.champion.version, dtype=object)
+        if to_challenger.any():
+            preds[to_challenger] = asked
             versions[to_challenger] = self.challenger.version
         out = {"predictions": preds.tolist(), "model_versions": versions.tolist()}
         if shadow is not None:
-            out["shadow"] = {"model_version": self.challenger.version, "predictions": shadow.tolist()}
+            out["shadow"] = {"model_version": self.challenger.version,
+                             "predictions": [None if np.isnan(p) else p for p in shadow.tolist()]}
         return out
+
+    def _shadow(self, frame, covered: np.ndarray) -> np.ndarray | None:
+        "The challenger's predictions of every row (NaN where it can't forecast), or None when it failed."
+        out = np.full(len(frame), np.nan)
+        self._fall_back("shadow", "catalog", ~covered)
+        if covered.any():
+            asked = self._ask(frame if covered.all() else frame[covered], "shadow")
+            if asked is None: return None
+            out[covered] = asked
+        return out
+
+    def _ask(self, frame, role: str) -> np.ndarray | None:
+        "The challenger's predictions for `frame`, or None when it raises: logged and counted, the champion answers."
+        try: return np.asarray(self.challenger.predict(frame), dtype="float64")
+        except Exception:
+            log.exception("challenger v%s failed in %s on %d rows; the champion answers", self.challenger.version, role,
+                          len(frame))
+            self._fall_back(role, "error", np.ones(len(frame), bool))
+            return None
+
+    def _fall_back(self, role: str, reason: str, rows: np.ndarray) -> None:
+        "Count the `rows` (a mask) the challenger did not predict in `role`, for `reason` ('catalog' or 'error')."
+        n = int(rows.sum())
+        if not n: return
+        self.fallbacks[(role, reason)] = self.fallbacks.get((role, reason), 0) + n
+        if self.on_fallback: self.on_fallback(role, reason, n)
 
     def respond(self, frame, result: dict, started: float, request_id: str | None = None) -> dict:
         "The response body for `result`, after logging the request (and adding it to `live`, when set)."
@@ -245,10 +299,22 @@ def load_deployment(config: ServeConfig | None = None) -> Deployment:
                   if config.shadow or config.canary_percent > 0 else None)
     return Deployment(champion, challenger, config)
 
+def _window(ref: str | None, max_horizon: int | None, name: str = MODEL_NAME) -> SimpleNamespace:
+    "A version's number and forecastable window (a `Catalog` without stores or items), from its tags and dataset meta."
+    from cd4ml.registry import describe_version, trained_horizon
+    mv = resolve_model(ref, name)
+    ds, none = load_dataset(dataset_of(mv)), pd.DataFrame({"store_nbr": [], "item_nbr": []})
+    horizon = max_horizon or trained_horizon(describe_version(mv.version, name))
+    return SimpleNamespace(version=mv.version,
+                           catalog=Catalog(none, none, pd.Timestamp(ds.meta["end"]), horizon, features.freq_of(ds)))
+
 def check_models(config: ServeConfig) -> dict:
-    "The version (a string) `config` will serve per role, or a `Cd4mlError` if one is missing from the registry."
+    """The versions (strings) `config` will serve, or a `Cd4mlError` if one is missing from the registry or the
+    challenger can forecast none of the champion's days (`check_challenger`, before any model is loaded)."""
     facts = {"champion": str(resolve_model(config.model_version).version)}
-    if config.shadow or config.canary_percent > 0: facts["challenger"] = str(resolve_model("challenger").version)
+    if config.shadow or config.canary_percent > 0:
+        facts["challenger"] = str(resolve_model("challenger").version)
+        check_challenger(*(_window(ref, config.max_horizon) for ref in (config.model_version, "challenger")))
     return facts
 
 def predict(rows,                                    # request rows: a frame or list of dicts (`contract.ROW_FIELDS`)

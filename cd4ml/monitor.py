@@ -63,23 +63,25 @@ def served_frame(records: list[dict], since: str | pd.Timestamp | None = None) -
     for r in records:
         rows = pd.DataFrame(r["rows"])
         base = rows.assign(request_id=r["request_id"], time=r["time"], latency_ms=r.get("latency_ms"))
-        versions = [str(v) for v in r["model_versions"]]
-        parts.append(base.assign(model_version=versions, role="answer", prediction=r["predictions"]))
-        if r.get("shadow"):
+        if r.get("shadow"):     # first: a version's answer to the same row wins (`join_feedback` keeps the last)
             parts.append(base.assign(model_version=str(r["shadow"]["model_version"]), role="shadow",
                                      prediction=r["shadow"]["predictions"]))
+        parts.append(base.assign(model_version=[str(v) for v in r["model_versions"]], role="answer",
+                                 prediction=r["predictions"]))
     if not parts: return _empty(SERVED_COLUMNS)
     out = pd.concat(parts, ignore_index=True)
+    out = out[out.prediction.notna()]                  # rows a shadow challenger could not forecast (None)
     out["date"], out["time"] = pd.to_datetime(out.date).astype("datetime64[ns]"), pd.to_datetime(out.time, utc=True)
     out = out.astype({"store_nbr": "int64", "item_nbr": "int64", "onpromotion": bool, "prediction": float})
     return _since(out[SERVED_COLUMNS], since)
 
 def feedback_frame(records: list[dict], since: str | pd.Timestamp | None = None) -> pd.DataFrame:
-    "Posted actuals: date, store_nbr, item_nbr, unit_sales[, onpromotion] (the latest post of a store-item-day wins)."
-    cols = ["time", "date", "store_nbr", "item_nbr", "unit_sales"]
+    "Posted actuals: date, store_nbr, item_nbr, unit_sales, onpromotion (the latest post of a store-item-day wins)."
+    cols = ["time", "date", "store_nbr", "item_nbr", "unit_sales", "onpromotion"]
     if not records: return _empty(cols)
     out = pd.concat([pd.DataFrame(r["rows"]).assign(time=r["time"]) for r in records], ignore_index=True)
-    if "onpromotion" in out: cols.append("onpromotion")     # optional: the promotion flag, when the poster sends it
+    out["onpromotion"] = (out.onpromotion if "onpromotion" in out else pd.NA)   # NA: logged before it was required
+    out["onpromotion"] = out.onpromotion.astype("boolean")
     out["date"], out["time"] = pd.to_datetime(out.date).astype("datetime64[ns]"), pd.to_datetime(out.time, utc=True)
     out = out.astype({"store_nbr": "int64", "item_nbr": "int64", "unit_sales": float})
     out = out.drop_duplicates(["date", "store_nbr", "item_nbr"], keep="last").reset_index(drop=True)
@@ -94,10 +96,12 @@ def _since(df: pd.DataFrame, since) -> pd.DataFrame:
 
 # %% ../nbs/50_monitor.ipynb #7264a52b
 def join_feedback(served: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    "Logged predictions that have an actual, with its `unit_sales`."
-    keys = ["date", "store_nbr", "item_nbr"]
-    if served.empty or feedback.empty: return served.assign(unit_sales=pd.Series(dtype=float)).iloc[:0]
-    return served.merge(feedback[keys + ["unit_sales"]], on=keys, how="inner")
+    "The latest prediction of each version per date, store, item and promotion that has an actual of that promotion state."
+    keys = ["date", "store_nbr", "item_nbr", "onpromotion"]
+    actuals = feedback[feedback.onpromotion.notna()] if "onpromotion" in feedback else feedback.iloc[:0]
+    if served.empty or actuals.empty: return served.assign(unit_sales=pd.Series(dtype=float)).iloc[:0]
+    latest = served.drop_duplicates(keys + ["model_version"], keep="last")
+    return latest.merge(actuals[keys + ["unit_sales"]].astype({"onpromotion": bool}), on=keys, how="inner")
 
 def live_metrics(joined: pd.DataFrame, items: pd.DataFrame | None = None) -> dict:
     "Per model version: `nwrmsle`, `mae`, `n` (rows with an actual) and `roles` (answer and/or shadow)."
@@ -284,31 +288,24 @@ def workspace_report(since: str | None = None,                 # only target day
     return {**report, "dataset_version": facts["dataset_version"]}
 
 # %% ../nbs/50_monitor.ipynb #5b1e00f2
-def new_sales(sales: pd.DataFrame, served: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    "Nonzero feedback rows after `sales`' last day, `onpromotion` from the feedback, else the request (NA: unknown)."
-    keys = ["date", "store_nbr", "item_nbr"]
+def new_sales(sales: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
+    "Nonzero feedback rows after `sales`' last day, with their posted `onpromotion` (NA: logged without one)."
     new = feedback[(feedback.date > sales.date.max()) & (feedback.unit_sales != 0)]
-    asked = served[served.role == "answer"].drop_duplicates(keys, keep="last")[keys + ["onpromotion"]]
-    posted = (new.onpromotion.astype("boolean") if "onpromotion" in new
-              else pd.Series(pd.NA, index=new.index, dtype="boolean"))
-    out = new[keys + ["unit_sales"]].merge(asked.astype({"onpromotion": "boolean"}), on=keys, how="left")
-    out["onpromotion"] = posted.reset_index(drop=True).fillna(out.onpromotion)
-    return out
+    return new[["date", "store_nbr", "item_nbr", "unit_sales", "onpromotion"]].reset_index(drop=True)
 
-def unflagged_feedback(sales: pd.DataFrame, served: pd.DataFrame, feedback: pd.DataFrame) -> int:
-    "How many new sales rows have no known promotion flag (nobody asked for their forecast)."
-    return int(new_sales(sales, served, feedback).onpromotion.isna().sum())
+def unflagged_feedback(sales: pd.DataFrame, feedback: pd.DataFrame) -> int:
+    "How many new sales rows were logged without a promotion flag (and so are left out of a retrain)."
+    return int(new_sales(sales, feedback).onpromotion.isna().sum())
 
 def append_feedback(tables: dict[str, pd.DataFrame],   # the champion's dataset, by table
-                    served: pd.DataFrame,               # `served_frame` of the prediction log
                     feedback: pd.DataFrame,             # `feedback_frame` of the feedback log
                    ) -> dict[str, pd.DataFrame]:
-    "`tables` with the feedback rows after the sales' last day appended to `sales` (and `truth` dropped)."
+    "`tables` with the flagged feedback rows after the sales' last day appended to `sales` (and `truth` dropped)."
     sales, keys = tables[SALES], ["date", "store_nbr", "item_nbr"]
-    new = new_sales(sales, served, feedback)
-    new["onpromotion"] = new.onpromotion.fillna(False).astype(bool)
+    new = new_sales(sales, feedback).dropna(subset=["onpromotion"])
     if new.empty:
-        raise Cd4mlError(f"no feedback after the dataset's last day {sales.date.max().date()}: nothing new to train on")
+        raise Cd4mlError(f"no feedback with a promotion flag after the dataset's last day {sales.date.max().date()}: "
+                         "nothing new to train on")
     grown = pd.concat([sales, new.astype(sales.dtypes.to_dict())], ignore_index=True).sort_values(keys, kind="stable")
     return {**{k: v for k, v in tables.items() if k != "truth"}, SALES: grown.reset_index(drop=True)}
 

@@ -28,8 +28,7 @@ def record_feedback(frame: pd.DataFrame,               # checked feedback rows (
     feedback_id = feedback_id or uuid.uuid4().hex
     rows = {"date": np.datetime_as_string(frame.date.to_numpy(), unit="D").tolist(),
             "store_nbr": frame.store_nbr.tolist(), "item_nbr": frame.item_nbr.tolist(),
-            "unit_sales": frame.unit_sales.tolist()}
-    if "onpromotion" in frame: rows["onpromotion"] = [None if pd.isna(p) else bool(p) for p in frame.onpromotion]
+            "unit_sales": frame.unit_sales.tolist(), "onpromotion": frame.onpromotion.astype(bool).tolist()}
     record = {"feedback_id": feedback_id, "time": _now(), "rows": rows}
     (log or feedback_log()).append(record)
     if live is not None: live.add_feedback(record)
@@ -49,8 +48,9 @@ class LiveAccuracy:
         if items is not None and "perishable" in items:
             weights = np.where(items.perishable.fillna(0).astype(bool), 1.25, 1.0)
             self._weight = dict(zip(items.item_nbr.astype("int64").tolist(), weights.tolist()))
-        self._predictions: dict[tuple, dict[tuple, int]] = {}   # (date, store, item) -> {(version, role, value): n}
-        self._actuals: dict[tuple, float] = {}                   # (date, store, item) -> the latest posted unit_sales
+        self._predictions: dict[tuple, dict[str, tuple]] = {}  # (date, store, item, promo) -> {version: (role, value)}
+        self._actuals: dict[tuple, tuple] = {}                  # (date, store, item) -> (promo, unit_sales), the latest
+        self.days: set[str] = set()                             # the days predictions were served for
         self._sums: dict[str, tuple[list, list]] = {}           # version -> (added, removed), each
                                                                  #   [Σ w, Σ w·sq log error, Σ abs error, rows]
         self.changes = 0                                         # contributions added or removed so far
@@ -67,41 +67,51 @@ class LiveAccuracy:
         return live
 
     def add_predictions(self, record: dict) -> None:
-        "Index a prediction log record: its answers and any shadow predictions."
-        rows = record["rows"]
-        keys = list(zip(rows["date"], rows["store_nbr"], rows["item_nbr"]))
-        entries = [(str(v), "answer", float(p)) for v, p in zip(record["model_versions"], record["predictions"])]
-        if record.get("shadow"):
-            version = str(record["shadow"]["model_version"])
-            entries += [(version, "shadow", float(p)) for p in record["shadow"]["predictions"]]
-            keys = keys * 2
+        "Index a prediction log record: its shadow predictions, then its answers (an answer wins over a shadow)."
+        rows, shadow = record["rows"], record.get("shadow")
+        keys = list(zip(rows["date"], rows["store_nbr"], rows["item_nbr"], rows["onpromotion"]))
+        entries = ([(str(shadow["model_version"]), "shadow", p) for p in shadow["predictions"]] if shadow else [])
+        entries += [(str(v), "answer", p) for v, p in zip(record["model_versions"], record["predictions"])]
         with self._lock:
-            for key, entry in zip(keys, entries):
-                at = self._predictions.setdefault(key, {})
-                at[entry] = at.get(entry, 0) + 1
-                if key in self._actuals: self._count(key[2], entry, self._actuals[key], 1)
+            self.days.update(rows["date"])
+            for key, (version, role, p) in zip(keys * 2 if shadow else keys, entries):
+                if p is not None: self._put(key, version, (role, float(p)))   # None: the shadow skipped that row
+
+    def _put(self, key: tuple, version: str, entry: tuple) -> None:
+        "Make `entry` the prediction of `version` at `key`, replacing its earlier one in the sums."
+        at, actual = self._predictions.setdefault(key, {}), self._actuals.get(key[:3])
+        old = at.get(version)
+        if old == entry: return
+        at[version] = entry
+        if actual is None or actual[0] != key[3]: return
+        if old is not None: self._count(key[2], version, old, actual[1], -1)
+        self._count(key[2], version, entry, actual[1], 1)
 
     def add_feedback(self, record: dict) -> None:
-        "Join a feedback log record's actuals to the indexed predictions (replacing earlier actuals of the same key)."
+        "Join a feedback log record's actuals to the predictions of the same promotion state (replacing earlier actuals)."
         rows = record["rows"]
+        flags = rows.get("onpromotion") or [None] * len(rows["date"])   # logs from before the flag was required
         with self._lock:
-            for key, units in zip(zip(rows["date"], rows["store_nbr"], rows["item_nbr"]), rows["unit_sales"]):
-                at, old = self._predictions.get(key, {}), self._actuals.get(key)
-                for entry, n in at.items():
-                    if old is not None: self._count(key[2], entry, old, -n)
-                    self._count(key[2], entry, float(units), n)
-                self._actuals[key] = float(units)
+            for day, store, item, units, promo in zip(rows["date"], rows["store_nbr"], rows["item_nbr"],
+                                                      rows["unit_sales"], flags):
+                key, old = (day, store, item), self._actuals.pop((day, store, item), None)
+                if old is not None:
+                    for version, entry in self._predictions.get((*key, old[0]), {}).items():
+                        self._count(item, version, entry, old[1], -1)
+                if promo is None: continue                  # no ground-truth flag: nothing to join it to
+                self._actuals[key] = (bool(promo), float(units))
+                for version, entry in self._predictions.get((*key, bool(promo)), {}).items():
+                    self._count(item, version, entry, float(units), 1)
 
-    def _count(self, item: int, entry: tuple, actual: float, n: int) -> None:
-        "Add `n` copies (or take out, n < 0) of one prediction's contribution against `actual`."
-        version, role, prediction = entry
+    def _count(self, item: int, version: str, entry: tuple, actual: float, n: int) -> None:
+        "Add (n = 1) or take out (n = -1) one prediction's contribution against `actual`."
+        role, prediction = entry
         w, err = self._weight.get(item, 1.0), math.log1p(max(prediction, 0.0)) - math.log1p(max(actual, 0.0))
         s = self._sums.setdefault(version, ([0.0, 0.0, 0.0, 0], [0.0, 0.0, 0.0, 0]))[n < 0]
-        k = abs(n)
-        s[0] += k * w
-        s[1] += k * w * err * err
-        s[2] += k * abs(prediction - actual)
-        s[3] += k
+        s[0] += w
+        s[1] += w * err * err
+        s[2] += abs(prediction - actual)
+        s[3] += 1
         self.changes += 1
         roles = self._roles.setdefault(version, {})
         roles[role] = roles.get(role, 0) + n

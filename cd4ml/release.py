@@ -218,14 +218,13 @@ def bento_server(tag: str,                 # the Bento, exactly: e.g. cd4ml-fore
 def smoke(base: str, rows: pd.DataFrame, expected: np.ndarray, version: str,
           token: str,   # an API token of the server: POST /feedback needs one
          ) -> dict:
-    """GET /livez, /readyz, POST /predict `rows` and POST /feedback (the `expected` units as actuals, with `token`):
+    """GET /livez, /readyz, POST /predict `rows` and POST /feedback (the `expected` units as actuals, with the rows' flags, and `token`):
     HTTP statuses, the largest gap to `expected` (or the refusal)."""
     import httpx
     checks = {path: httpx.get(f"{base}{path}", timeout=30).status_code for path in ("/livez", "/readyz")}
     r = httpx.post(f"{base}/predict", json={"rows": as_request(rows)}, timeout=60)
     checks["/predict"] = r.status_code
     actuals = [{**row, "unit_sales": float(units)} for row, units in zip(as_request(rows), expected)]
-    for row in actuals: del row["onpromotion"]
     checks["/feedback"] = httpx.post(f"{base}/feedback", json={"rows": actuals}, timeout=60,
                                      headers={"Authorization": f"Bearer {token}"}).status_code
     out = {"smoke": checks, "parity_rows": len(rows), "version": str(version), "parity_max_abs_diff": None}

@@ -54,19 +54,32 @@ def predict_all(base, rows):
         assert r.status_code == 200, r.text
 
 def post_feedback(base, rows, headers):
-    body = [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u)}
-            for d, s, i, u in zip(rows.date, rows.store_nbr, rows.item_nbr, rows.unit_sales)]
+    body = [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u), "onpromotion": bool(p)}
+            for d, s, i, u, p in zip(rows.date, rows.store_nbr, rows.item_nbr, rows.unit_sales, rows.onpromotion)]
     r = httpx.post(f"{base}/feedback", json={"rows": body}, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
-def test_feedback_rejects_bad_rows(served, api_token):
-    base, row = served["base"], {"date": "2017-05-02", "store_nbr": 1, "item_nbr": 100, "unit_sales": 2.0}
+def test_feedback_rejects_bad_rows(served, later, api_token):
+    base, [asked] = served["base"], as_request(future(served["dataset"], later).iloc[:1])   # asked again in the next test
+    assert httpx.post(f"{base}/predict", json={"rows": [asked]}, timeout=30).status_code == 200
+    row = {**asked, "unit_sales": 2.0}
     for change, field, status in [({"unit_sales": "two"}, "rows[1].unit_sales", 400), ({"date": "2017-02-30"}, "rows[1].date", 400),
-                                  ({"store_nbr": 99}, "rows[1].store_nbr", 422), ({"item_nbr": 7}, "rows[1].item_nbr", 422)]:
+                                  ({"store_nbr": 99}, "rows[1].store_nbr", 422), ({"item_nbr": 7}, "rows[1].item_nbr", 422),
+                                  ({"unit_sales": 1e9}, "rows[1].unit_sales must be from -100,000 to 1,000,000; got 1000000000.0", 400),
+                                  ({"unit_sales": -5e5}, "rows[1].unit_sales", 400), ({"onpromotion": None}, "rows[1].onpromotion", 400),
+                                  ({"date": "2017-05-02"}, "rows[1].date 2017-05-02: no forecast was served for that day", 422),
+                                  ({"date": "2017-04-30"}, "rows[1].date 2017-04-30 is outside the forecastable window", 422)]:
         r = httpx.post(f"{base}/feedback", json={"rows": [row, {**row, **change}]}, headers=api_token.headers, timeout=30)
         assert r.status_code == status, (change, r.status_code, r.text)
         assert field in r.text, r.text
+    for bad in ("NaN", "Infinity", "-Infinity"):            # JSON extensions Python's parser reads as floats
+        r = httpx.post(f"{base}/feedback", content='{"rows": [{"date": "2017-05-01", "store_nbr": 1, "item_nbr": 100, '
+                       f'"onpromotion": false, "unit_sales": {bad}}}]}}', headers={**api_token.headers, "Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and "rows[0].unit_sales must be a finite number" in r.text, (bad, r.text)
+    missing = {k: v for k, v in row.items() if k != "onpromotion"}
+    r = httpx.post(f"{base}/feedback", json={"rows": [missing]}, headers=api_token.headers, timeout=30)
+    assert r.status_code == 400 and "rows[0].onpromotion is missing" in r.text, r.text
     assert not (served["home"]/"feedback"/"feedback.jsonl").exists()        # nothing recorded from refused posts
 
 def test_no_drift_then_drift(served, later, cli, api_token):
@@ -80,7 +93,7 @@ def test_no_drift_then_drift(served, later, cli, api_token):
     assert answer["live"]["1"]["n"] == 1920 and answer["live"]["2"]["n"] == 1920      # champion answers, challenger in shadow
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
     sums = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()   # counters: no actual reposted yet
-            if line.startswith("cd4ml_live_") and {'model_version="1"', 'change="added"'} <= set(line.split("{")[1].split("}")[0].split(","))}
+            if line.startswith("cd4ml_live_") and 'model_version="1"' in line and 'change="added"' in line}
     nwrmsle = (sums["cd4ml_live_weighted_sq_log_error_total"] / sums["cd4ml_live_weight_total"]) ** 0.5
     assert abs(nwrmsle - answer["live"]["1"]["nwrmsle"]) < 1e-9 and sums["cd4ml_live_rows_total"] == 1920
 
@@ -93,7 +106,7 @@ def test_no_drift_then_drift(served, later, cli, api_token):
     assert live < served["holdout"] * 1.1, (live, served["holdout"])
     assert set(report["drift"]) == {*FEATURES, "unit_sales", "prediction"} and report["drift_rows"] == 1920
     assert max(report["drift"][f]["psi"] for f in ("promo_now", "family_code", "unit_sales")) < 0.2, report["drift"]
-    assert report["traffic"]["requests"] == 4 and report["traffic"]["rows"] == 1920
+    assert report["traffic"]["requests"] == 5 and report["traffic"]["rows"] == 1921     # one row asked twice, counted once above
     assert Path(report["report"]).exists()
     client = mlflow.MlflowClient(tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name("cd4ml-monitoring").experiment_id])
@@ -192,9 +205,9 @@ def test_drift_alert_then_retrain_promotes_a_better_model(new_workspace, cli, ru
         grown = load_dataset(retrained["dataset_version"])      # the champion's data + the reported sales
         assert grown.meta["end"] == str((end + pd.Timedelta(days=REPORTED)).date())
         assert len(grown.sales) == len(ds.sales) + int((drifted.unit_sales != 0).sum())
-        assert retrained["unflagged_promotion_rows"] == 0           # every reported row's promotion flag came from a request
-        new_rows = grown.sales[grown.sales.date > end].merge(drifted, on=["date", "store_nbr", "item_nbr"], suffixes=("", "_asked"))
-        assert (new_rows.onpromotion == new_rows.onpromotion_asked).all() and new_rows.onpromotion.any()
+        assert retrained["unflagged_promotion_rows"] == 0           # every reported row came with its promotion flag
+        new_rows = grown.sales[grown.sales.date > end].merge(drifted, on=["date", "store_nbr", "item_nbr"], suffixes=("", "_posted"))
+        assert (new_rows.onpromotion == new_rows.onpromotion_posted).all() and new_rows.onpromotion.any()
         assert retrained["exit_code"] == 0, {k: v for k, v in retrained.items() if k != "result"}
         assert retrained["result"]["dataset"] == grown.version   # the pipeline trained on it
         assert (retrained["champion_before"], retrained["champion_after"], retrained["promoted"]) == ("1", "2", True)

@@ -144,18 +144,21 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served, api_tok
     from cd4ml.logstore import read_feedback, read_log
     base, home = served["base"], served["home"]
     rows = catalog_rows(served["dataset"], 16, 300, seed=13)
-    assert post(base, as_request(rows)).status_code == 200
-    def actuals(frame, units, promo=False):    # promo: also send the optional promotion flag
+    asked_here = [post(base, as_request(rows))]
+    assert asked_here[0].status_code == 200
+    def actuals(frame, units, flip=None):    # flip: where the day's promotion was not what the request asked
+        flip = np.zeros(len(frame), bool) if flip is None else flip
         return [{"date": d.date().isoformat(), "store_nbr": int(s), "item_nbr": int(i), "unit_sales": float(u),
-                 **({"onpromotion": bool(p)} if promo else {})}
-                for d, s, i, u, p in zip(frame.date, frame.store_nbr, frame.item_nbr, units, frame.onpromotion)]
+                 "onpromotion": bool(p) != bool(f)}
+                for d, s, i, u, p, f in zip(frame.date, frame.store_nbr, frame.item_nbr, units, frame.onpromotion, flip)]
     first = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[:200], np.arange(200) % 7)}, headers=api_token.headers, timeout=60)
     assert first.status_code == 200, first.text
-    assert post(base, as_request(rows.iloc[150:250])).status_code == 200        # asked again after their actuals
-    second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25, promo=True)},
+    asked_here.append(post(base, as_request(rows.iloc[150:250])))                 # asked again after their actuals
+    assert asked_here[1].status_code == 200
+    second = httpx.post(f"{base}/feedback", json={"rows": actuals(rows.iloc[100:300], np.arange(200) * 0.25, flip=np.arange(200) >= 150)},
                         headers=api_token.headers, timeout=60)
     assert second.status_code == 200, second.text                                 # 100 actuals replaced
-    assert read_feedback(home/"feedback")[-1]["rows"]["onpromotion"] == rows.onpromotion.iloc[100:300].tolist()   # kept for retraining
+    assert read_feedback(home/"feedback")[-1]["rows"]["onpromotion"] == (rows.onpromotion.iloc[100:300] != (np.arange(200) >= 150)).tolist()
     live = second.json()["live"]
     full = monitor.live_metrics(monitor.join_feedback(monitor.served_frame(read_log(home/"predictions")),
                                                       monitor.feedback_frame(read_feedback(home/"feedback"))),
@@ -165,6 +168,13 @@ def test_feedback_live_accuracy_equals_the_monitor_recomputation(served, api_tok
         assert (live[version]["n"], live[version]["roles"]) == (m["n"], m["roles"])
         assert abs(live[version]["nwrmsle"] - m["nwrmsle"]) <= 1e-9 * m["nwrmsle"] and abs(live[version]["mae"] - m["mae"]) <= 1e-9 * m["mae"]
     assert full["2"]["roles"] == ["answer", "shadow"] and full["1"]["n"] > 0 and full["2"]["n"] > full["1"]["n"]
+    flags = dict(zip(zip(rows.date, rows.store_nbr, rows.item_nbr), rows.onpromotion))          # the first post's flags,
+    flags |= dict(zip(zip(rows.date[100:], rows.store_nbr[100:], rows.item_nbr[100:]),            # then the second's
+                      rows.onpromotion[100:] != (np.arange(200) >= 150)))
+    asked = set(zip(rows.date, rows.store_nbr, rows.item_nbr, rows.onpromotion))
+    joined = monitor.join_feedback(monitor.served_frame(read_log(home/"predictions")), monitor.feedback_frame(read_feedback(home/"feedback")))
+    here = joined[(joined.model_version == "2") & joined.request_id.isin([r.json()["request_id"] for r in asked_here])]
+    assert len(here) == sum(flags[k[:3]] == k[3] for k in asked) < len(rows)     # shadow: each key once, what-ifs out
     counted = live_counters(httpx.get(f"{base}/metrics", timeout=30).text)      # what Prometheus adds up across pods
     assert counted[("1", "removed")]["rows"] > 0 and counted[("2", "removed")]["rows"] > 0   # the 100 replaced actuals
     for version, m in live.items():
@@ -257,11 +267,13 @@ def test_fuzzing_every_route_of_the_openapi_finds_no_5xx(served, api_token, with
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "/predict" in out.stdout and "/feedback" in out.stdout
 
-FEEDBACK = {"rows": [{"date": "2017-05-02", "store_nbr": 1, "item_nbr": 100, "unit_sales": 2.0}]}
+ASKED = {"date": "2017-05-02", "store_nbr": 1, "item_nbr": 100, "onpromotion": False}
+FEEDBACK = {"rows": [{**ASKED, "unit_sales": 2.0}]}
 
 def test_feedback_needs_a_named_token(served, api_token):
     "No token: 401 with WWW-Authenticate; a wrong one: 403; the right one: 200, its name (never the token) in the log."
     base, wrong = served["base"], "not-the-token-" + api_token.token[:8]
+    assert post(base, [ASKED]).status_code == 200                 # actuals are taken for served days only
     bare = httpx.post(f"{base}/feedback", json=FEEDBACK, timeout=30)
     assert bare.status_code == 401 and bare.headers["www-authenticate"].startswith("Bearer"), bare.text
     assert "Authorization: Bearer" in bare.json()["error"]
