@@ -15,7 +15,7 @@ from .core import Cd4mlError
 
 # %% auto #0
 __all__ = ['ACCEPTANCE_DEFAULTS', 'SEGMENTS', 'checked_block', 'is_number', 'acceptance_config', 'GateResult', 'gate_table',
-           'gates_from_table', 'raise_if_failed', 'threshold_gates', 'coverage_gates', 'with_attributes',
+           'gates_from_table', 'raise_if_failed', 'threshold_gates', 'wilson', 'coverage_gates', 'with_attributes',
            'segment_errors', 'fairness_gate', 'schema_of', 'contract_gate', 'all_gates', 'partial_dependence',
            'plot_segment_errors', 'plot_importance', 'plot_partial_dependence']
 
@@ -125,18 +125,28 @@ def threshold_gates(metrics: dict,                 # candidate's holdout metrics
     return results
 
 # %% ../nbs/30_gates.ipynb #1671f792
+def wilson(share: float, rows: int, z: float = 1.96) -> tuple[float, float]:
+    "The 95 % Wilson score interval of a `share` measured on `rows` rows."
+    centre = (share + z * z / (2 * rows)) / (1 + z * z / rows)
+    half = z * math.sqrt(share * (1 - share) / rows + z * z / (4 * rows * rows)) / (1 + z * z / rows)
+    return centre - half, centre + half
+
 def coverage_gates(coverage: float | None,  # the candidate's `intervals.interval_coverage` (None: not measured)
                    acceptance: dict | None = None,
+                   rows: int | None = None,  # held-out rows it was counted on (None: judge the share as exact)
                   ) -> list[GateResult]:
-    "The `min_interval_coverage` and `max_interval_coverage` gates on the 10-90 % interval's held-out coverage."
+    """The `min_interval_coverage` and `max_interval_coverage` gates on the 10-90 % interval's held-out coverage: a
+    gate fails only when the whole 95 % interval of the measured share lies beyond its limit."""
     acc = acceptance_config(acceptance)
     if coverage is None:
         return [GateResult(g, None, acc[g], True, "not measured: needs 2 or more validation origins (n_valid) "
                                                        "and 9 or more rows in the first")
                 for g in ("min_interval_coverage", "max_interval_coverage")]
-    detail = f"{coverage:.1%} of held-out actuals inside the 10-90 % interval"
-    return [_limit("min_interval_coverage", coverage, acc["min_interval_coverage"], lambda v, t: v >= t, detail),
-            _limit("max_interval_coverage", coverage, acc["max_interval_coverage"], lambda v, t: v <= t, detail)]
+    low, high = wilson(coverage, rows) if rows else (coverage, coverage)
+    detail = (f"{coverage:.1%} of {rows} held-out actuals inside the 10-90 % interval (95 % interval {low:.1%}-{high:.1%})"
+              if rows else f"{coverage:.1%} of held-out actuals inside the 10-90 % interval")
+    return [_limit("min_interval_coverage", coverage, acc["min_interval_coverage"], lambda v, t: high >= t, detail),
+            _limit("max_interval_coverage", coverage, acc["max_interval_coverage"], lambda v, t: low <= t, detail)]
 
 # %% ../nbs/30_gates.ipynb #e26830dd
 SEGMENTS = ("store_nbr", "store_type", "cluster", "family", "perishable", "onpromotion")
@@ -230,6 +240,7 @@ def all_gates(frame: pd.DataFrame,    # holdout rows: unit_sales, weight, store_
               acceptance: dict | None = None,
               items: pd.DataFrame | None = None, stores: pd.DataFrame | None = None,
               coverage: float | None = None,  # held-out coverage of its 10-90 % interval (None: not measured)
+              coverage_rows: int | None = None, # the held-out rows it was counted on
              ) -> tuple[list[GateResult], pd.DataFrame]:
     "Every gate's result (thresholds, fairness, contract, interval coverage) and the per-segment error table."
     from cd4ml.metrics import nwrmsle
@@ -240,7 +251,7 @@ def all_gates(frame: pd.DataFrame,    # holdout rows: unit_sales, weight, store_
     results = threshold_gates(score(prediction), score(baseline), score(champion), acc)
     results += [fairness_gate(segments, acc["max_segment_ratio"], acc["min_segment_rows"]),
                 contract_gate(model_schema, expected_schema)]
-    return results + coverage_gates(coverage, acc), segments
+    return results + coverage_gates(coverage, acc, coverage_rows), segments
 
 # %% ../nbs/30_gates.ipynb #2a2f84b1
 def partial_dependence(predict,              # callable: frame -> predictions

@@ -14,7 +14,7 @@ from .core import Cd4mlError
 
 # %% auto #0
 __all__ = ['LEVELS', 'INTERVAL', 'INTERVALS_TAG', 'log_residuals', 'conformal_offsets', 'supported_levels', 'calibrate',
-           'quantile_range', 'bounds', 'stored_intervals', 'split_origins', 'interval_coverage']
+           'quantile_range', 'bounds', 'stored_intervals', 'split_origins', 'interval_coverage', 'coverage_metrics']
 
 # %% ../nbs/16_intervals.ipynb #6d168bf4
 LEVELS = np.round(np.arange(1, 100) / 100, 2)   # the quantile levels a model version stores offsets for
@@ -95,3 +95,8 @@ def interval_coverage(frame: pd.DataFrame,  # validation rows: origin, date, uni
     low, high = bounds(calibrate(calib.unit_sales, calib.prediction), later.prediction, interval)
     actual = np.clip(later.unit_sales.to_numpy(dtype="float64"), 0, None)
     return float(np.mean((actual >= low) & (actual <= high)))
+
+def coverage_metrics(frame: pd.DataFrame) -> dict:
+    "`interval_coverage` and the held-out rows it counted, as a run logs them ({} when it cannot be measured)."
+    coverage = interval_coverage(frame)
+    return {} if coverage is None else {"interval_coverage": coverage, "interval_coverage_rows": len(split_origins(frame)[1])}

@@ -84,7 +84,7 @@ def test_a_challenger_retrained_on_reported_days_serves_the_days_it_can(served_r
         return {"grown": grown, "model": model, "challenger": register_challenger(model, grown.version)}
     with served_registry(tmp_path/"cd4ml-home", env=SHADOW_AND_CANARY, prepare=retrained) as served:
         from cd4ml.deployment import route
-        from cd4ml.predlog import read_log
+        from cd4ml.logstore import read_log
         ds, grown, base, v = served["dataset"], served["grown"], served["base"], served["challenger"]
         end = pd.Timestamp(ds.meta["end"])
         assert pd.Timestamp(grown.meta["end"]) == end + pd.Timedelta(days=REPORTED)
