@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, workspace
-from .datasets import SALES
 from .gates import GateResult, checked_block, gate_table, gates_from_table, is_number
 from .registry import MODEL_NAME
+from .state import sales_window, serving_history
 
 # %% auto #0
 __all__ = ['RELEASE_DEFAULTS', 'PARITY_TOLERANCE', 'release_config', 'latency_summary', 'gate_release', 'smoke_rows',
@@ -108,8 +108,9 @@ def smoke_rows(ds,                # the dataset the version was trained on (`cd4
     "`n` request rows (`contract.ROW_FIELDS`) of store-items that recently sold, on days the version forecasts."
     from cd4ml.features import period_of
     rng = np.random.default_rng(seed)
-    sales, end = ds.table(SALES), pd.Timestamp(ds.meta["end"])
-    pairs = sales[sales.date > end - pd.Timedelta(days=28)][["store_nbr", "item_nbr"]].drop_duplicates().to_numpy()
+    end = pd.Timestamp(ds.meta["end"])
+    recent = sales_window(ds, end - pd.Timedelta(days=27), end)    # read from the store: not the whole history
+    pairs = recent[["store_nbr", "item_nbr"]].drop_duplicates().to_numpy()
     if not len(pairs):
         raise Cd4mlError(f"dataset {ds.version}: no sales in its last 28 days to build smoke-test rows from")
     picked = pairs[rng.integers(0, len(pairs), n)]
@@ -267,12 +268,13 @@ def load_test(base: str, rows: pd.DataFrame, requests: int = 200, concurrency: i
 
 # %% ../nbs/48_release.ipynb #45060735
 def offline_predictions(version: str, rows: pd.DataFrame, name: str) -> np.ndarray:
-    "Predictions of registered `name` version `version` for `rows`, computed offline as evaluation does."
+    """Predictions of registered `name` version `version` for `rows`, computed offline as evaluation does: `features_for`
+    on the version's serving history (the lookback window, equal to the whole dataset's features, see `15_state`)."""
     from cd4ml import features, models, registry
     from cd4ml.datasets import load_dataset
     ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
     model = registry.load_model(f"models:/{name}/{version}")
-    return models.predict(model, features.features_for(ds, rows, pd.Timestamp(ds.meta["end"])))
+    return models.predict(model, features.features_for(serving_history(ds), rows, pd.Timestamp(ds.meta["end"])))
 
 def release_version(version: str,            # the registered version to release
                     config: dict,            # the release block (see `release_config`)
