@@ -78,7 +78,8 @@ def test_two_servers_one_database(served_registry, running_server, postgres, cli
             part = rows.iloc[a:b]                                    # the later posts replace earlier actuals
             units = (np.arange(len(part)) % 7) * scale
             fb = {"date": [d.date().isoformat() for d in part.date], "store_nbr": part.store_nbr.tolist(),
-                  "item_nbr": part.item_nbr.tolist(), "unit_sales": units.tolist()}
+                  "item_nbr": part.item_nbr.tolist(), "unit_sales": units.tolist(),
+                  "onpromotion": part.onpromotion.tolist()}                # actuals carry the flag as it was
             body = [dict(zip(fb, values)) for values in zip(*fb.values())]
             r = httpx.post(f"{bases[(k + 1) % 2]}/feedback", json={"rows": body}, headers=api_token.headers, timeout=60)
             assert r.status_code == 200, r.text
