@@ -15,7 +15,7 @@ import pandas as pd
 from .core import Cd4mlError, workspace
 from .gates import GateResult, checked_block, gate_table, gates_from_table, is_number
 from .registry import MODEL_NAME
-from .state import sales_window, serving_history
+from .state import sales_window
 
 # %% auto #0
 __all__ = ['RELEASE_DEFAULTS', 'PARITY_TOLERANCE', 'release_config', 'latency_summary', 'gate_release', 'smoke_rows',
@@ -268,13 +268,12 @@ def load_test(base: str, rows: pd.DataFrame, requests: int = 200, concurrency: i
 
 # %% ../nbs/48_release.ipynb #45060735
 def offline_predictions(version: str, rows: pd.DataFrame, name: str) -> np.ndarray:
-    """Predictions of registered `name` version `version` for `rows`, computed offline as evaluation does: `features_for`
-    on the version's serving history (the lookback window, equal to the whole dataset's features, see `15_state`)."""
+    "Predictions of registered `name` version `version` for `rows`, computed offline as evaluation does."
     from cd4ml import features, models, registry
     from cd4ml.datasets import load_dataset
     ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
     model = registry.load_model(f"models:/{name}/{version}")
-    return models.predict(model, features.features_for(serving_history(ds), rows, pd.Timestamp(ds.meta["end"])))
+    return models.predict(model, features.features_for(ds, rows, pd.Timestamp(ds.meta["end"])))
 
 def release_version(version: str,            # the registered version to release
                     config: dict,            # the release block (see `release_config`)
