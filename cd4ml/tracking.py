@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_tracking.ipynb #011b6c89
 from __future__ import annotations
-import fcntl, os, re, subprocess, sys, time, warnings
+import fcntl, functools, os, re, subprocess, sys, time, warnings
 from contextlib import contextmanager
 from importlib.metadata import distributions, version as dist_version
 from pathlib import Path
@@ -52,9 +52,11 @@ def open_store() -> str:
 LOGIN_REFUSED = ("password authentication failed", "no password supplied", "no pg_hba.conf entry",
                  "does not exist")   # libpq's messages: wrong password or none, host not allowed, no such role/database
 
+@functools.cache
 def _check_login(uri: str):
     """Fail at once, naming the store, when PostgreSQL refuses the login: MLflow retries every failed connection for
-    ~100 s, and no retry fixes a wrong password or database. An unreachable server is left to MLflow's retries."""
+    ~100 s, and no retry fixes a wrong password or database. An unreachable server is left to MLflow's retries. Once
+    per process and store: every registry call opens the store."""
     import sqlalchemy
     engine = sqlalchemy.create_engine(_with_driver(uri), poolclass=sqlalchemy.pool.NullPool)
     try:

@@ -13,7 +13,7 @@ Ask for any of them by name:
 - `served_registry(home, env=...)`: a small registry (champion v1, challenger v2) and `cd4ml serve` on it;
   `running_server(home, ...)`: a server alone; `simulated_tables(...)`: hand-made data like the registry's.
 - `postgres`: a throwaway PostgreSQL cluster; `postgres.database(name)` is a new empty database's URI (session).
-- `browser`: a headless Chromium (Debian's, driven by playwright).
+- `browser`: a headless Chromium (Debian's, driven by playwright); `web_page(base)`: the service's page opened in it.
 - `api_token`: the API token every test server accepts (`.name`, `.token`, `.headers` to send); `serving` configures it
   through CD4ML_API_TOKENS unless the test's `env` sets CD4ML_API_TOKENS (empty: none, as a new user has).
 - `free_port()`, `system_binary(name)`.
@@ -376,6 +376,16 @@ def browser(system_binary):
         b = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+@pytest.fixture
+def web_page(browser):
+    "`web_page(base)`: the service's page at `base` opened in `browser`; (page, the JavaScript errors it raises)."
+    def open_page(base: str):
+        page, errors = browser.new_page(), []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base + "/")
+        return page, errors
+    return open_page
 
 # ---------------------------------------------------------------------------------------------------------------------
 # PostgreSQL

@@ -13,12 +13,9 @@ def page_server(served_registry, tmp_path_factory):
     home = tmp_path_factory.mktemp("web")/"cd4ml-home"
     with served_registry(home) as served: yield served
 
-def test_forecast_from_the_page(page_server, browser):
+def test_forecast_from_the_page(page_server, web_page):
     from cd4ml import features, models
-    page = browser.new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(page_server["base"] + "/")
+    page, errors = web_page(page_server["base"])
     page.wait_for_function("document.querySelectorAll('#items option').length == 30")
     assert "model version 1" in page.text_content("#model")
     options = page.eval_on_selector_all("#stores option", "os => os.map(o => o.value)")
@@ -66,9 +63,8 @@ def test_quantiles_served_equal_embedded(page_server):
     np.testing.assert_allclose([f["low"] for f in h["forecast"]], ahead["0.1"], rtol=0, atol=1e-9)
     np.testing.assert_allclose([f["high"] for f in h["forecast"]], ahead["0.9"], rtol=0, atol=1e-9)
 
-def test_bad_choices_show_a_message(page_server, browser):
-    page = browser.new_page()
-    page.goto(page_server["base"] + "/")
+def test_bad_choices_show_a_message(page_server, web_page):
+    page, _ = web_page(page_server["base"])
     page.wait_for_function("document.querySelectorAll('#items option').length == 30")
     page.fill("#store", "99 — nowhere"); page.fill("#item", "100"); page.click("#go")
     assert 'Unknown store "99 — nowhere"' in page.text_content("#message") and page.is_hidden("#answer")

@@ -107,12 +107,9 @@ def test_off_grid_and_beyond_horizon_are_refused_by_name(weekly, api_token):
     assert r.status_code == 422 and "is not on the weekly grid (Mondays)" in r.json()["error"], r.text
 
 
-def test_page_offers_weekly_dates_only(weekly, browser):
+def test_page_offers_weekly_dates_only(weekly, web_page):
     cat = httpx.get(f"{weekly['base']}/catalog", timeout=30).json()
-    page = browser.new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(weekly["base"] + "/")
+    page, errors = web_page(weekly["base"])
     page.wait_for_function("document.querySelectorAll('#dates option').length > 0")
     assert "forecasts weekly (Mondays)" in page.text_content("#model")
     assert page.eval_on_selector_all("#dates option", "os => os.map(o => o.value)") == cat["dates"]
