@@ -18,7 +18,7 @@ __all__ = ['WINDOW_DAYS', 'LOOKBACK_DAYS', 'CALENDAR', 'HOLIDAYS', 'PROMO', 'HIS
            'tables_of', 'freq_of', 'period_of', 'History', 'series_key', 'history', 'series_stats', 'holiday_flags',
            'payday', 'oil_at', 'Context', 'context', 'feature_rows', 'family_weekday_sums', 'pool_family_weekday',
            'family_weekday_at', 'OriginStats', 'origin_stats', 'family_weekday_partial', 'repooled_family',
-           'lookback_start', 'features_for', 'training_frame', 'training_rows', 'forecast_origins']
+           'lookback_start', 'first_sale_by_key', 'features_for', 'training_frame', 'training_rows', 'forecast_origins']
 
 # %% ../nbs/11_features.ipynb #e126ffc4
 def tables_of(data: Dataset | dict,   # a stored dataset or a dict of tables (plus an optional "meta" dict)
@@ -318,7 +318,12 @@ def _check_origins(sales: pd.DataFrame, origins: list[pd.Timestamp]):
     if late: raise Cd4mlError(f"forecast origin {late[0].date()} is after the last sales date {pd.Timestamp(last).date()}; "
                               "use an origin on or before it (the last day of known sales)")
 
-def features_for(data: Dataset | dict,      # the dataset holding the history
+def first_sale_by_key(first: pd.DataFrame) -> pd.Series:
+    "Series key -> first sale date of a store_nbr, item_nbr, date table (the earliest per key), sorted by key."
+    by_key = pd.Series(first.date.to_numpy("datetime64[ns]"), index=series_key(first.store_nbr, first.item_nbr))
+    return by_key.groupby(level=0).min()
+
+def features_for(data: Dataset | dict,      # the dataset, or a window of it that carries its `first_sale` table
                  requests: pd.DataFrame,    # date, store_nbr, item_nbr, onpromotion (planned promotion of the target day)
                  origin,                    # forecast origin: the last day of known sales
                 ) -> pd.DataFrame:
@@ -329,7 +334,9 @@ def features_for(data: Dataset | dict,      # the dataset holding the history
     step = period_of(freq_of(data))
     _check_origins(tables[SALES], [origin])
     sales = tables[SALES][tables[SALES].date <= origin]
-    hist = history(sales, lookback_start(origin, step), origin, step)
+    given = data.get("first_sale") if isinstance(data, dict) else None   # a window knows when its series opened
+    first = first_sale_by_key(given) if isinstance(given, pd.DataFrame) else None
+    hist = history(sales, lookback_start(origin, step), origin, step, first)
     return feature_rows(context(tables), hist, origin, requests)
 
 # %% ../nbs/11_features.ipynb #9a334a4d

@@ -15,7 +15,7 @@ import pandas as pd
 from .core import Cd4mlError, workspace
 from .gates import GateResult, checked_block, gate_table, gates_from_table, is_number
 from .registry import MODEL_NAME
-from .state import sales_window
+from .state import history_end, sales_window, serving_history
 
 # %% auto #0
 __all__ = ['RELEASE_DEFAULTS', 'PARITY_TOLERANCE', 'release_config', 'latency_summary', 'gate_release', 'smoke_rows',
@@ -273,7 +273,8 @@ def offline_predictions(version: str, rows: pd.DataFrame, name: str) -> np.ndarr
     from cd4ml.datasets import load_dataset
     ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
     model = registry.load_model(f"models:/{name}/{version}")
-    return models.predict(model, features.features_for(ds, rows, pd.Timestamp(ds.meta["end"])))
+    window = serving_history(ds)      # the lookback window and first sales: the same features as the whole history
+    return models.predict(model, features.features_for(window, rows, history_end(window)))
 
 def release_version(version: str,            # the registered version to release
                     config: dict,            # the release block (see `release_config`)

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 
 from .core import Cd4mlError
 from .datasets import SALES, Dataset
-from .features import (ATTRIBUTES, FEATURES, HOLIDAYS, _store_traffic, context, family_weekday_sums, freq_of,
-                            history, lookback_start, oil_at, payday, period_of, pool_family_weekday, series_key,
-                            series_stats, tables_of)
+from .features import (ATTRIBUTES, FEATURES, HOLIDAYS, _store_traffic, context, family_weekday_sums,
+                            first_sale_by_key, freq_of, history, lookback_start, oil_at, payday, period_of,
+                            pool_family_weekday, series_key, series_stats, tables_of)
 from .scale import FIRST_SALE
 
 # %% auto #0
@@ -53,8 +53,7 @@ def first_sales(data: Dataset | dict) -> pd.Series:
                            for p in data.parts(SALES)], ignore_index=True)
     elif isinstance(data.get("first_sale"), pd.DataFrame): first = data["first_sale"]
     else: first = tables_of(data, [SALES])[SALES].groupby(["store_nbr", "item_nbr"], as_index=False).date.min()
-    by_key = pd.Series(first.date.to_numpy("datetime64[ns]"), index=series_key(first.store_nbr, first.item_nbr))
-    return by_key.groupby(level=0).min()
+    return first_sale_by_key(first)
 
 def serving_history(data: Dataset | dict) -> dict:
     "What a served version forecasts from, and no more: the lookback window of sales, first sales and small tables."
