@@ -164,3 +164,24 @@ def test_the_runner_imports_no_domain_module(module):
     via = reached(module)
     bad = {m: via[m] for m in DOMAIN & set(via)}
     assert not bad, f"cd4ml.{module} reaches domain modules (module: imported by): {bad}"
+
+def notebook_numbers() -> dict:
+    "Module name → the number of the notebook it is exported from (`nbs/NN_name.ipynb`, `#| default_exp name`)."
+    numbers = {}
+    for nb in sorted((ROOT/"nbs").glob("[0-9][0-9]_*.ipynb")):
+        exp = re.search(r"#\|\s*default_exp\s+([\w.]+)", nb.read_text())
+        if exp: numbers[exp.group(1)] = int(nb.name[:2])
+    return numbers
+
+def imports_of_later(numbers: dict, imports: dict) -> list:
+    "(module, imported) pairs where a module imports one from a notebook numbered after its own."
+    return sorted((m, n) for m, names in imports.items() for n in names if numbers.get(n, -1) > numbers[m])
+
+def test_the_numbering_check_catches_a_later_import():
+    assert imports_of_later({"core": 0, "gates": 19, "runs": 25}, {"runs": {"gates", "core"}, "core": set()}) == []
+    assert imports_of_later({"core": 0, "gates": 30, "runs": 25}, {"runs": {"gates"}}) == [("runs", "gates")]
+
+def test_notebooks_are_numbered_by_dependency():
+    numbers = notebook_numbers()
+    imports = {m: cd4ml_imports((ROOT/"cd4ml"/f"{m}.py").read_text()) for m in numbers}
+    assert imports_of_later(numbers, imports) == [], "a module imports one from a later notebook: renumber"
