@@ -12,7 +12,7 @@ import typer
 from .console import cli_errors, emit, kv_table, records_table
 
 # %% auto #0
-__all__ = ['JSON_OPT', 'JOBS_OPT', 'quality', 'summary_tables', 'run', 'reproduce', 'nb']
+__all__ = ['JSON_OPT', 'JOBS_OPT', 'quality', 'candidate_gains', 'summary_tables', 'run', 'reproduce', 'nb']
 
 # %% ../nbs/28_cli_run.ipynb #22606d16
 JSON_OPT = typer.Option(False, "--json", help="Print JSON on stdout instead of tables.")
@@ -42,6 +42,18 @@ def quality(result: dict) -> dict:
         out["10–90% interval coverage"] = f"{coverage:.1%} (target 80 ± 5%: {'met' if abs(coverage - 0.8) <= 0.05 else 'not met'})"
     return out
 
+# %% ../nbs/28_cli_run.ipynb #b8e4d3f2
+def candidate_gains(result: dict) -> list[dict]:
+    "Per candidate, in the spec's order: NWRMSLE, gain over the moving average, what it adds over the best simpler one, share of the achievable gain."
+    from cd4ml.metrics import gain_captured
+    ma, bayes, best, out = (result.get("baselines") or {}).get("moving_average"), result.get("bayes_nwrmsle"), None, []
+    for c in result["candidates"]:
+        err = c["metrics"]["nwrmsle"]
+        out.append({"model": c["model"], "nwrmsle": err, "vs_moving_average": 1 - err / ma if ma else None,
+                    "adds": None if best is None else 1 - err / best, "gain_captured": gain_captured(ma, err, bayes)})
+        best = err if best is None else min(best, err)
+    return out
+
 # %% ../nbs/28_cli_run.ipynb #8c2f4e06
 def _gate_tables(result: dict) -> list:
     "The governance gates and the release gates of a run summary, each as a table titled with its outcome."
@@ -67,10 +79,12 @@ def summary_tables(result: dict, explain: bool = False) -> list:
     best = (result.get("best") or {}).get("model")
     title = f"run {result['parent_run_id']}" + (" (up to date: nothing rerun)" if result.get("up_to_date") else "")
     steps = records_table(result["steps"], ["name", "seconds", "cached", *(["why"] if explain else [])], title=title)
-    rows = [{"model": c["model"], **c["metrics"], "cached": c["cached"], "best": "★" if c["model"] == best else ""}
-            for c in result["candidates"]]
-    cands = records_table(rows, ["model", "nwrmsle", "rmse", "mae", "r2", "cached", "best"],
-                          title="candidates (validation origins)")
+    pct = lambda x: "" if x is None else f"{x:+.1%}"
+    rows = [{"model": c["model"], **c["metrics"], "vs moving_average": pct(g["vs_moving_average"]), "adds": pct(g["adds"]),
+             "gain captured": g["gain_captured"], "cached": c["cached"], "best": "★" if c["model"] == best else ""}
+            for c, g in zip(result["candidates"], candidate_gains(result))]
+    cands = records_table(rows, ["model", "nwrmsle", "vs moving_average", "adds", "gain captured", "rmse", "mae", "r2",
+                                 "cached", "best"], title="candidates (validation origins; adds: over the best candidate above)")
     facts = {"dataset": result["dataset"], "best": best,
              "best nwrmsle": (result.get("best") or {}).get("metrics", {}).get("nwrmsle"),
              **{f"{b} nwrmsle": v for b, v in result["baselines"].items()},

@@ -25,7 +25,8 @@ from .features import FEATURES, WINDOW_DAYS
 # %% auto #0
 __all__ = ['CATEGORICAL', 'LEVELS', 'LEVEL_REFERENCE', 'RELATIVE', 'FORGOTTEN', 'TRAINING_DEFAULTS', 'LEVEL_BREAK',
            'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit', 'predict', 'LevelRelative',
-           'feature_importance', 'training_config', 'in_sample', 'sampled', 'level_breaks', 'training_set']
+           'feature_importance', 'training_config', 'in_sample', 'sampled', 'level_breaks', 'training_set',
+           'PerHorizon', 'per_horizon']
 
 # %% ../nbs/12_models.ipynb #ef2dbaa7
 class FeatureBaseline(RegressorMixin, BaseEstimator):
@@ -243,3 +244,26 @@ def training_set(frame: pd.DataFrame, # training rows (`training_frame`), origin
         age = (frame.origin.max() - frame.origin) / pd.Timedelta(days=1)
         frame = frame.assign(weight=frame.weight * 0.5 ** (age / training["half_life"]))
     return frame.reset_index(drop=True)
+
+# %% ../nbs/12_models.ipynb #b69faba5
+class PerHorizon(RegressorMixin, BaseEstimator):
+    "A copy of `estimator` per group of horizons: days_ahead <= edges[0], <= edges[1], ..., > edges[-1]."
+    def __init__(self, estimator, edges=(7,)): self.estimator, self.edges = estimator, edges
+    def _group(self, X): return np.searchsorted(np.asarray(self.edges), X["days_ahead"].to_numpy(), side="left")
+    def fit(self, X, y, sample_weight=None):
+        g = self._group(X)
+        self.models_ = {k: clone(self.estimator).fit(X[g == k], y[g == k], sample_weight=sample_weight[g == k]) for k in np.unique(g)}
+        return self
+    def predict(self, X):
+        g, out = self._group(X), np.zeros(len(X))
+        for k, m in self.models_.items():
+            if (g == k).any(): out[g == k] = m.predict(X[g == k])
+        return out
+
+def per_horizon(edges: tuple,            # last days_ahead of each group but the last: () one model, (7,) days 1-7 and 8+
+                name: str = "lightgbm",  # the candidate each group gets its own copy of (default params)
+               ) -> TransformedTargetRegressor:
+    "Candidate `name` as separate models per group of horizons, the alternative to one model with `days_ahead` a feature."
+    model = make_model(name)
+    model.regressor = PerHorizon(model.regressor, edges)
+    return model
