@@ -333,10 +333,9 @@ def features_for(data: Dataset | dict,      # the dataset, or a window of it tha
     tables = tables_of(data, [SALES, "items", "stores", "holidays", "oil", "transactions"])
     step = period_of(freq_of(data))
     _check_origins(tables[SALES], [origin])
-    sales = tables[SALES][tables[SALES].date <= origin]
     given = data.get("first_sale") if isinstance(data, dict) else None   # a window knows when its series opened
-    first = first_sale_by_key(given) if isinstance(given, pd.DataFrame) else None
-    hist = history(sales, lookback_start(origin, step), origin, step, first)
+    first = None if given is None else first_sale_by_key(given)
+    hist = history(tables[SALES], lookback_start(origin, step), origin, step, first)   # sales after `origin`: ignored
     return feature_rows(context(tables), hist, origin, requests)
 
 # %% ../nbs/11_features.ipynb #9a334a4d
