@@ -381,9 +381,8 @@ def forecast_origins(data: Dataset | dict,  # the dataset
                      step: int | None = None, # periods between origins; default 7 days (daily) or 1 week (weekly)
                     ) -> dict:
     "Time-ordered origins: {'train': [...], 'valid': [...], 'holdout': origin}."
-    freq = freq_of(data)
-    period = period_of(freq)
-    step = step or (7 if freq == "D" else 1)
+    period = period_of(freq_of(data))
+    step = step or 7 // period.days           # a week between origins
     if horizon < 1 or n_train < 1 or n_valid < 0 or step < 1:
         raise Cd4mlError(f"need horizon >= 1, n_train >= 1, n_valid >= 0, step >= 1; got {horizon}, {n_train}, {n_valid}, {step}")
     if isinstance(data, Dataset) and data.meta.get("end"):   # stored: the span is in meta.json, no need to read the sales
