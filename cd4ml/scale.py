@@ -247,8 +247,8 @@ def shared_parts(ds: Dataset,             # a partitioned dataset
     "`_part_files(ds)` as URLs every worker can open: the files themselves if under `root`, else copies in `root/data/<version>/`."
     files, root = _part_files(ds), root or shared_url()
     local = local_folder(root)
-    if local is not None and ds.path.resolve().is_relative_to(local):
-        return [tuple(p if p is None else str(p.resolve()) for p in f) for f in files]
+    if local is not None and any(p.is_relative_to(local) for p in (ds.path.absolute(), ds.path.resolve())):
+        return [tuple(p if p is None else str(p.absolute()) for p in f) for f in files]   # also a dataset linked in
     base = f"{root}/data/{ds.version}"
     names = [tuple(p if p is None else f"{p.parent.name}/{p.name}" for p in f) for f in files]
     fs, path = url_fs(base)
