@@ -162,7 +162,7 @@ class Deployment:
         return check_rows(parse_columns(rows, self.config.max_rows), self.catalog)
 
     def predict(self, frame) -> dict:
-        "Predictions for checked rows (a frame or `Rows`): the answers, the version per row and any shadow predictions."
+        "Predictions for checked rows (a frame or `Rows`): the answers, the version and cold start flag per row, any shadow predictions."
         n = len(frame)
         covered = self.challenger.catalog.covers(frame) if self.challenger else np.zeros(n, bool)
         shadow = self._shadow(frame, covered) if self.config.shadow else None
@@ -173,11 +173,12 @@ class Deployment:
             asked = shadow[to_challenger] if shadow is not None else self._ask(frame[to_challenger], "canary")
             if asked is None: to_challenger[:] = False
         preds = self.champion.predict(frame) if not to_challenger.all() else np.zeros(n)
-        versions = np.full(n, self.champion.version, dtype=object)
+        versions, cold = np.full(n, self.champion.version, dtype=object), self.champion.cold_start(frame)
         if to_challenger.any():
             preds[to_challenger] = asked
             versions[to_challenger] = self.challenger.version
-        out = {"predictions": preds.tolist(), "model_versions": versions.tolist()}
+            cold[to_challenger] = self.challenger.cold_start(frame[to_challenger])
+        out = {"predictions": preds.tolist(), "model_versions": versions.tolist(), "cold_start": cold.tolist()}
         if shadow is not None:
             out["shadow"] = {"model_version": self.challenger.version,
                              "predictions": [None if np.isnan(p) else p for p in shadow.tolist()]}
@@ -215,12 +216,13 @@ class Deployment:
         versions = result["model_versions"]
         body = {"predictions": result["predictions"],
                 "model_version": versions[0] if len(set(versions)) == 1 else "mixed",
-                "model_versions": versions, "request_id": request_id}
+                "model_versions": versions, "cold_start": result["cold_start"], "request_id": request_id}
         rows = {"date": np.datetime_as_string(np.asarray(frame.date), unit="D").tolist(),
                 "store_nbr": frame.store_nbr.tolist(), "item_nbr": frame.item_nbr.tolist(),
                 "onpromotion": frame.onpromotion.tolist()}
         record = {"request_id": request_id, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                   "rows": rows, "predictions": result["predictions"], "model_versions": versions,
+                  "cold_start": result["cold_start"],
                   "shadow": result.get("shadow"), "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
         self.log.append(record)
         if self.live is not None: self.live.add_predictions(record)
@@ -326,9 +328,11 @@ def predict(rows,                                    # request rows: a frame or 
     fc = load_forecaster(model_version)
     levels = parse_quantiles(quantiles)
     fc.check_quantiles(levels)
-    preds = fc.predict(check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog))
+    frame = check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog)
+    preds = fc.predict(frame)
     if not levels: return preds
-    return pd.DataFrame({"prediction": preds, **dict(zip(map(quantile_key, levels), fc.quantiles(preds, levels)))})
+    bands = fc.quantiles(preds, levels, cold=fc.cold_start(frame))      # NaN for cold-start rows: no calibrated band
+    return pd.DataFrame({"prediction": preds, **dict(zip(map(quantile_key, levels), bands))})
 
 # %% ../nbs/44_deployment.ipynb #e4cf66c7
 log = logging.getLogger("bentoml.cd4ml")   # BentoML's handlers show it in the server log
