@@ -18,7 +18,7 @@ from .compiled import compile_model
 from .state import answer_keys, cold_start, history_end, recent_units, series_state, state_features
 
 # %% auto #0
-__all__ = ['AnswerCache', 'Forecaster']
+__all__ = ['AnswerCache', 'Forecaster', 'offline_predict']
 
 # %% ../nbs/41_forecaster.ipynb #2e139dfe
 class AnswerCache:
@@ -136,3 +136,16 @@ class Forecaster:
         out = bounds(self.intervals, predictions, quantiles)
         if cold is not None: out[:, np.asarray(cold, bool)] = np.nan
         return out
+
+# %% ../nbs/41_forecaster.ipynb #6167104a
+def offline_predict(model,                 # a fitted estimator taking `features.FEATURES` columns
+                    data: Dataset | dict,  # the dataset it forecasts from
+                    rows: pd.DataFrame,    # typed request rows (`contract.ROW_FIELDS`) after its history end
+                   ) -> np.ndarray:
+    "What a version serves for `rows`, computed offline: `features_for` and `models.predict`; cold starts from the hierarchy."
+    from cd4ml import models
+    origin, step = history_end(data), features.period_of(features.freq_of(data))
+    horizon = max(1, int((pd.Timestamp(rows.date.max()) - origin) // step))
+    cold, units = cold_start(series_state(data, horizon), rows)
+    if not cold.all(): units[~cold] = models.predict(model, features.features_for(data, rows[~cold], origin))
+    return units

@@ -268,12 +268,12 @@ def load_test(base: str, rows: pd.DataFrame, requests: int = 200, concurrency: i
 
 # %% ../nbs/48_release.ipynb #45060735
 def offline_predictions(version: str, rows: pd.DataFrame, name: str) -> np.ndarray:
-    "Predictions of registered `name` version `version` for `rows`, computed offline as evaluation does."
-    from cd4ml import features, models, registry
+    "Predictions of registered `name` version `version` for `rows`, computed offline as evaluation does (`offline_predict`)."
+    from cd4ml import registry
     from cd4ml.datasets import load_dataset
+    from cd4ml.forecaster import offline_predict
     ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
-    model = registry.load_model(f"models:/{name}/{version}")
-    return models.predict(model, features.features_for(ds, rows, pd.Timestamp(ds.meta["end"])))
+    return offline_predict(registry.load_model(f"models:/{name}/{version}"), ds, rows)
 
 def release_version(version: str,            # the registered version to release
                     config: dict,            # the release block (see `release_config`)
