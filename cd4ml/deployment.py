@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, tracking_uri
-from .datasets import load_dataset
+from .datasets import load_dataset, with_new_items
 from .contract import Catalog, Rows, check_rows, parse_columns, parse_quantiles, parse_rows, quantile_key
 from .forecaster import Forecaster
 from .logstore import PredictionLog, STORE_DEFAULTS, open_store
@@ -275,18 +275,21 @@ def load_forecaster(model_version: str | int | None = None, # a version number o
                     name: str = MODEL_NAME,
                     cache_rows: int = ServeConfig.cache_rows, # most answers kept (see `Forecaster`)
                    ) -> Forecaster:
-    "The `Forecaster` of a registered model version (default: the champion), with its dataset as history."
+    """The `Forecaster` of a registered model version (default: the champion), with its dataset as history: the
+    newest version of it with items imported since (`datasets.with_new_items`), so its catalog has them."""
     import mlflow.sklearn
     from cd4ml.intervals import stored_intervals
     from cd4ml.registry import describe_version, trained_horizon
     mv = resolve_model(model_version, name)
-    key = (tracking_uri(), name, mv.version, max_horizon, cache_rows)
+    trained = dataset_of(mv)
+    served = with_new_items(trained)
+    key = (tracking_uri(), name, mv.version, max_horizon, cache_rows, served)
     if key not in _forecasters:
-        ds, horizon = dataset_of(mv), trained_horizon(describe_version(mv.version, name))
+        horizon = trained_horizon(describe_version(mv.version, name))
         model = mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
-        data = load_dataset(ds)
+        data = load_dataset(served)
         info = {"name": name, "version": mv.version, "run_id": mv.run_id, "model_uri": f"models:/{name}/{mv.version}",
-                "dataset_version": ds, "horizon": horizon, "freq": features.freq_of(data),
+                "dataset_version": trained, "items_version": served, "horizon": horizon, "freq": features.freq_of(data),
                 "git_sha": mv.tags.get("git_sha") or _run_tag(mv.run_id, "git_sha"),
                 "aliases": list(getattr(mv, "aliases", []) or [])}
         _forecasters[key] = Forecaster(model, data, mv.version, max_horizon or horizon, info, cache_rows,
@@ -341,11 +344,18 @@ def forget(*forecasters: Forecaster):
     "Drop these forecasters from `load_forecaster`'s cache: a service that stopped serving them frees their state."
     for key in [k for k, fc in _forecasters.items() if any(fc is f for f in forecasters)]: del _forecasters[key]
 
+def _items_current(fc: Forecaster | None) -> bool:
+    "Whether `fc` serves the newest items imported for its dataset (a forecaster not loaded from the registry: yes)."
+    if fc is None or "items_version" not in fc.info: return True
+    return fc.info["items_version"] == with_new_items(fc.info["dataset_version"])
+
 def reloaded(deployment: Deployment,
              wanted: dict[str, str],   # version per role, as `check_models` gives them
             ) -> Deployment | None:
-    "A deployment of the `wanted` versions (loaded from the registry), or None when `deployment` serves them already."
-    if wanted == deployment.versions: return None
+    """A deployment of the `wanted` versions (loaded from the registry), or None when `deployment` serves them already,
+    each with the newest items imported for its dataset (`datasets.with_new_items`)."""
+    if wanted == deployment.versions and all(_items_current(fc) for fc in (deployment.champion, deployment.challenger)):
+        return None
     c = deployment.config
     load = lambda role: load_forecaster(wanted[role], c.max_horizon, cache_rows=c.cache_rows) if role in wanted else None
     return deployment.replaced(load("champion"), load("challenger"))

@@ -1,32 +1,38 @@
-"""End to end: a store-item with no sales up to the history end (an item launched after it) through `cd4ml serve`:
-answered from its hierarchy with `cold_start: true`, the same numbers as `cd4ml.predict`, and its actuals taken."""
+"""End to end: an item imported after training (`cd4ml data import --items`) through `cd4ml serve`: in its catalog,
+answered from its hierarchy with `cold_start: true`, the same numbers as `cd4ml.predict`, its actuals taken and grown
+into the dataset a retrain trains on."""
+import os
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
 
-LAUNCH = 130   # an item in the catalog, never sold: the registry's 30 items are 100..129
-
-def with_a_launch(facts):
-    "Serve the registry's versions on their dataset plus item LAUNCH (in its items table, no sales): a cold start."
-    import mlflow
-    from cd4ml.datasets import save_dataset
-    ds = facts["dataset"]
-    tables = {name: ds.table(name) for name in ("sales", "items", "stores", "holidays", "oil", "transactions")}
-    tables["items"] = pd.concat([tables["items"], pd.DataFrame({"item_nbr": [LAUNCH], "family": ["DAIRY"],
-                                                                "class": [1001], "perishable": [1]})], ignore_index=True)
-    launched = save_dataset(tables, source="tests: an item launched after the history")
-    for version in ("1", "2"): mlflow.MlflowClient().set_model_version_tag("sales", version, "dataset_version", launched.version)
-    return {"launched": launched}
+LAUNCH = 130   # a new item: the registry's 30 items are 100..129
 
 @pytest.fixture(scope="module")
-def served(served_registry, tmp_path_factory):
-    with served_registry(tmp_path_factory.mktemp("cold")/"cd4ml-home", prepare=with_a_launch) as served: yield served
+def served(served_registry, cli, tmp_path_factory):
+    def import_a_launch(facts):
+        "Item LAUNCH imported as a user does, before the server starts (`os.environ` is on the test's workspace)."
+        home = Path(os.environ["CD4ML_HOME"])
+        env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}}
+        (home/"items.csv").write_text("item_nbr,family,class,perishable\n101,DAIRY,1001,1\n130,DAIRY,1001,1\n")
+        return {"imported": cli.json(env, "data", "import", "--items", home/"items.csv")}
+    with served_registry(tmp_path_factory.mktemp("cold")/"cd4ml-home", prepare=import_a_launch) as served: yield served
+
+def test_items_import_makes_a_version(served):
+    imported = served["imported"]
+    from cd4ml.datasets import load_dataset
+    assert (imported["items_of"], imported["items_added"]) == (served["dataset"].version, 1)
+    items = load_dataset(imported["version"]).table("items")
+    assert items.item_nbr.tolist() == list(range(100, 131)) and items.iloc[-1].family == "DAIRY"
 
 def test_a_new_item_is_forecast_from_its_hierarchy(served, api_token):
     from cd4ml import deployment
     from cd4ml.logstore import read_log
     base = served["base"]
+    assert httpx.get(f"{base}/info").json()["champion"]["items_version"] == served["imported"]["version"]
     rows = [{"date": "2017-05-0%d" % d, "store_nbr": 2, "item_nbr": item, "onpromotion": promo}
             for d in (1, 2) for item in (LAUNCH, 101) for promo in (False, True)]
     r = httpx.post(f"{base}/predict", json={"rows": rows, "quantiles": [0.1, 0.9]}, timeout=60)
@@ -49,10 +55,24 @@ def test_a_new_item_is_forecast_from_its_hierarchy(served, api_token):
     h = httpx.get(f"{base}/history", params={"store_nbr": 2, "item_nbr": LAUNCH}).json()
     assert h["cold_start"] is True and h["interval"] is None and sum(a["unit_sales"] for a in h["actual"]) == 0
 
-    actual = {"date": "2017-05-01", "store_nbr": 2, "item_nbr": LAUNCH, "unit_sales": 6.0, "onpromotion": False}
-    fed = httpx.post(f"{base}/feedback", json={"rows": [actual]}, headers=api_token.headers, timeout=60)
-    assert fed.status_code == 200 and fed.json()["rows"] == 1, fed.text
     unknown = httpx.post(f"{base}/predict", json={"rows": [{**rows[0], "item_nbr": 131}]}, timeout=60)
     assert unknown.status_code == 422 and unknown.json()["field"] == "rows[0].item_nbr" and unknown.json()["value"] == 131
+    actual = {"date": "2017-05-01", "store_nbr": 2, "item_nbr": LAUNCH, "unit_sales": 6.0, "onpromotion": False}
     refused = httpx.post(f"{base}/feedback", json={"rows": [{**actual, "item_nbr": 131}]}, headers=api_token.headers)
     assert refused.status_code == 422 and refused.json()["field"] == "rows[0].item_nbr"
+    fed = httpx.post(f"{base}/feedback", json={"rows": [actual]}, headers=api_token.headers, timeout=60)
+    assert fed.status_code == 200 and fed.json()["rows"] == 1, fed.text
+
+    from cd4ml.imports import import_items                # another launch, learnt on /admin/reload
+    (served["home"]/"more.csv").write_text("item_nbr,family,class,perishable\n131,EGGS,1003,1\n")
+    import_items(served["home"]/"more.csv")
+    assert httpx.post(f"{base}/admin/reload", headers=api_token.headers, timeout=120).status_code == 200
+    again = httpx.post(f"{base}/predict", json={"rows": [{**rows[0], "item_nbr": 131}, rows[0]]}, timeout=60).json()
+    assert again["cold_start"] == [True, True] and again["predictions"][1] == pytest.approx(got[0], abs=1e-9)
+
+    from cd4ml.cli_monitor import feedback_dataset      # what `cd4ml monitor --retrain` trains on
+    from cd4ml.datasets import load_dataset
+    grown = load_dataset(feedback_dataset({"dataset_version": served["dataset"].version, "feedback_rows": 1}))
+    assert LAUNCH in grown.table("items").item_nbr.tolist() and grown.meta["parent"] != served["dataset"].version
+    new = grown.sales[grown.sales.item_nbr == LAUNCH]
+    assert (new.date.dt.strftime("%Y-%m-%d").tolist(), new.unit_sales.tolist()) == (["2017-05-01"], [6.0])
