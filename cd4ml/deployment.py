@@ -275,8 +275,7 @@ def load_forecaster(model_version: str | int | None = None, # a version number o
                     name: str = MODEL_NAME,
                     cache_rows: int = ServeConfig.cache_rows, # most answers kept (see `Forecaster`)
                    ) -> Forecaster:
-    """The `Forecaster` of a registered model version (default: the champion), with its dataset as history: the
-    newest version of it with items imported since (`datasets.with_new_items`), so its catalog has them."""
+    "The `Forecaster` of a registered version (default: the champion), on its dataset plus items imported since."
     import mlflow.sklearn
     from cd4ml.intervals import stored_intervals
     from cd4ml.registry import describe_version, trained_horizon
@@ -331,8 +330,7 @@ def predict(rows,                                    # request rows: a frame or 
     fc = load_forecaster(model_version)
     levels = parse_quantiles(quantiles)
     fc.check_quantiles(levels)
-    frame = check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog)
-    preds = fc.predict(frame)
+    preds = fc.predict(frame := check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog))
     if not levels: return preds
     bands = fc.quantiles(preds, levels, cold=fc.cold_start(frame))      # NaN for cold-start rows: no calibrated band
     return pd.DataFrame({"prediction": preds, **dict(zip(map(quantile_key, levels), bands))})
@@ -344,18 +342,13 @@ def forget(*forecasters: Forecaster):
     "Drop these forecasters from `load_forecaster`'s cache: a service that stopped serving them frees their state."
     for key in [k for k, fc in _forecasters.items() if any(fc is f for f in forecasters)]: del _forecasters[key]
 
-def _items_current(fc: Forecaster | None) -> bool:
-    "Whether `fc` serves the newest items imported for its dataset (a forecaster not loaded from the registry: yes)."
-    if fc is None or "items_version" not in fc.info: return True
-    return fc.info["items_version"] == with_new_items(fc.info["dataset_version"])
-
 def reloaded(deployment: Deployment,
              wanted: dict[str, str],   # version per role, as `check_models` gives them
             ) -> Deployment | None:
-    """A deployment of the `wanted` versions (loaded from the registry), or None when `deployment` serves them already,
-    each with the newest items imported for its dataset (`datasets.with_new_items`)."""
-    if wanted == deployment.versions and all(_items_current(fc) for fc in (deployment.champion, deployment.challenger)):
-        return None
+    "A deployment of the `wanted` versions with the newest items of their datasets; None when `deployment` is that."
+    current = all(fc.info["items_version"] == with_new_items(fc.info["dataset_version"])
+                  for fc in (deployment.champion, deployment.challenger) if fc is not None and "items_version" in fc.info)
+    if wanted == deployment.versions and current: return None
     c = deployment.config
     load = lambda role: load_forecaster(wanted[role], c.max_horizon, cache_rows=c.cache_rows) if role in wanted else None
     return deployment.replaced(load("champion"), load("challenger"))
