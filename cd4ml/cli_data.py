@@ -103,7 +103,7 @@ def _generate_parts(params: dict, source: str, part_rows: int | None, bar) -> di
 # %% ../nbs/14_cli_data.ipynb #d18e2975
 @data_app.command("import")
 @cli_errors
-def import_cmd(path: Path = typer.Argument(..., help="A Favorita folder (train.csv, items.csv, stores.csv, ...) or one sales CSV."),
+def import_cmd(path: Path | None = typer.Argument(None, help="A Favorita folder (train.csv, items.csv, stores.csv, ...) or one sales CSV."),
                date_col: str | None = typer.Option(None, help="CSV: column with the date (YYYY-MM-DD)."),
                store_col: str | None = typer.Option(None, help="CSV: column with the store key (integer or text)."),
                item_col: str | None = typer.Option(None, help="CSV: column with the item key (integer or text)."),
@@ -113,11 +113,21 @@ def import_cmd(path: Path = typer.Argument(..., help="A Favorita folder (train.c
                on_bad_rows: str = typer.Option("fail", help="fail: stop at the first bad value, writing nothing; "
                                                             "skip: leave bad rows out and list them in CD4ML_HOME/quarantine/."),
                delimiter: str = typer.Option(",", help="CSV: field delimiter, e.g. ';' or '\\t'."),
+               items: Path | None = typer.Option(None, help="Instead of PATH: an items CSV (item_nbr, family, class, "
+                                                            "perishable) whose new items are added to --dataset, as a new version."),
+               dataset: str = typer.Option("latest", help="--items: the version to add them to (a version, a prefix, or latest)."),
                as_json: bool = JSON_OPT):
     """Import sales data as a dataset version (the same content always gives the same version).
 
-    Rows of a CSV with the same date, store and item are summed; rows with zero sales are dropped."""
-    from cd4ml.imports import import_path
+    Rows of a CSV with the same date, store and item are summed; rows with zero sales are dropped.
+    With --items, new items are added to a version (the service forecasts them from their class and family)."""
+    from cd4ml.imports import import_items, import_path
+    if (path is None) == (items is None): raise Cd4mlError("give a PATH to import, or --items FILE (not both)")
+    if items is not None:
+        ds, report = import_items(items, dataset)
+        result = _import_result(ds, report)
+        return emit(result, as_json, records_table([result], ["version", "items_of", "items_added", "created"],
+                                                   title="items added"))
     bar, on_progress = _importing(as_json)
     with bar:
         ds, report = import_path(path, date_col=date_col, store_col=store_col, item_col=item_col, sales_col=sales_col,

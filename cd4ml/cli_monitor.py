@@ -67,17 +67,18 @@ def log_report(report: dict, folder: Path) -> str:
 
 # %% ../nbs/51_cli_monitor.ipynb #36cfb9e2
 def feedback_dataset(report: dict) -> str:
-    "The champion's dataset plus the feedback after its end, saved as a new dataset version (its meta: parent, ...)."
+    """The champion's dataset plus the feedback after its end, saved as a new dataset version (its meta: parent, ...):
+    the dataset as served, with the items imported since training (`with_new_items`), so new items' sales keep their rows."""
     from cd4ml import monitor
-    from cd4ml.datasets import SALES, TABLES, load_dataset, save_dataset
+    from cd4ml.datasets import SALES, TABLES, load_dataset, save_dataset, with_new_items
     from cd4ml.logstore import read_feedback
-    ds = load_dataset(report["dataset_version"])
+    ds = load_dataset(with_new_items(report["dataset_version"]))
     tables = {name: ds.table(name) for name in TABLES if name in ds}
     feedback = monitor.feedback_frame(read_feedback())
     grown = monitor.append_feedback(tables, feedback)
-    extra = {"parent": report["dataset_version"], "feedback_rows": report["feedback_rows"],
+    extra = {"parent": ds.version, "feedback_rows": report["feedback_rows"],
              "unflagged_promotion_rows": monitor.unflagged_feedback(tables[SALES], feedback)}
-    return save_dataset(grown, source=f"{report['dataset_version']} + feedback (cd4ml monitor --retrain)",
+    return save_dataset(grown, source=f"{ds.version} + feedback (cd4ml monitor --retrain)",
                         freq=ds.meta.get("freq", "D"), extra=extra).version
 
 def _cd4ml() -> list[str]:

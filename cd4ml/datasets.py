@@ -16,7 +16,7 @@ from .core import Cd4mlError, atomic_dir, hash_bytes, hash_frame, workspace, wri
 
 # %% auto #0
 __all__ = ['SALES', 'TABLES', 'REQUIRED', 'SIDE_TABLES', 'normalize', 'data_root', 'dataset_version', 'version_of_hashes',
-           'describe', 'Dataset', 'save_dataset', 'list_datasets', 'resolve_version', 'load_dataset']
+           'describe', 'Dataset', 'save_dataset', 'list_datasets', 'resolve_version', 'load_dataset', 'with_new_items']
 
 # %% ../nbs/03_datasets.ipynb #5955252e
 SALES = "sales"   # the main table: units sold per date, store and item (Kaggle's `train`)
@@ -150,3 +150,12 @@ def load_dataset(ref: str) -> Dataset:
     version = resolve_version(ref)
     path = data_root()/version
     return Dataset(version, path, json.loads((path/"meta.json").read_text()))
+
+# %% ../nbs/03_datasets.ipynb #f8800267
+def with_new_items(version: str) -> str:
+    "The newest version that only adds items to `version` (`items_of`, followed through later additions), else `version`."
+    metas, current = list_datasets(), version
+    while True:
+        newer = [m["version"] for m in metas if m.get("items_of") == current]   # oldest first
+        if not newer: return current
+        current = newer[-1]

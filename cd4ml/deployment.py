@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, tracking_uri
-from .datasets import load_dataset
+from .datasets import load_dataset, with_new_items
 from .contract import Catalog, Rows, check_rows, parse_columns, parse_quantiles, parse_rows, quantile_key
 from .forecaster import Forecaster
 from .logstore import PredictionLog, STORE_DEFAULTS, open_store
@@ -162,7 +162,7 @@ class Deployment:
         return check_rows(parse_columns(rows, self.config.max_rows), self.catalog)
 
     def predict(self, frame) -> dict:
-        "Predictions for checked rows (a frame or `Rows`): the answers, the version per row and any shadow predictions."
+        "Predictions for checked rows (a frame or `Rows`): the answers, the version and cold start flag per row, any shadow predictions."
         n = len(frame)
         covered = self.challenger.catalog.covers(frame) if self.challenger else np.zeros(n, bool)
         shadow = self._shadow(frame, covered) if self.config.shadow else None
@@ -173,11 +173,12 @@ class Deployment:
             asked = shadow[to_challenger] if shadow is not None else self._ask(frame[to_challenger], "canary")
             if asked is None: to_challenger[:] = False
         preds = self.champion.predict(frame) if not to_challenger.all() else np.zeros(n)
-        versions = np.full(n, self.champion.version, dtype=object)
+        versions, cold = np.full(n, self.champion.version, dtype=object), self.champion.cold_start(frame)
         if to_challenger.any():
             preds[to_challenger] = asked
             versions[to_challenger] = self.challenger.version
-        out = {"predictions": preds.tolist(), "model_versions": versions.tolist()}
+            cold[to_challenger] = self.challenger.cold_start(frame[to_challenger])
+        out = {"predictions": preds.tolist(), "model_versions": versions.tolist(), "cold_start": cold.tolist()}
         if shadow is not None:
             out["shadow"] = {"model_version": self.challenger.version,
                              "predictions": [None if np.isnan(p) else p for p in shadow.tolist()]}
@@ -215,12 +216,13 @@ class Deployment:
         versions = result["model_versions"]
         body = {"predictions": result["predictions"],
                 "model_version": versions[0] if len(set(versions)) == 1 else "mixed",
-                "model_versions": versions, "request_id": request_id}
+                "model_versions": versions, "cold_start": result["cold_start"], "request_id": request_id}
         rows = {"date": np.datetime_as_string(np.asarray(frame.date), unit="D").tolist(),
                 "store_nbr": frame.store_nbr.tolist(), "item_nbr": frame.item_nbr.tolist(),
                 "onpromotion": frame.onpromotion.tolist()}
         record = {"request_id": request_id, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                   "rows": rows, "predictions": result["predictions"], "model_versions": versions,
+                  "cold_start": result["cold_start"],
                   "shadow": result.get("shadow"), "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
         self.log.append(record)
         if self.live is not None: self.live.add_predictions(record)
@@ -273,18 +275,20 @@ def load_forecaster(model_version: str | int | None = None, # a version number o
                     name: str = MODEL_NAME,
                     cache_rows: int = ServeConfig.cache_rows, # most answers kept (see `Forecaster`)
                    ) -> Forecaster:
-    "The `Forecaster` of a registered model version (default: the champion), with its dataset as history."
+    "The `Forecaster` of a registered version (default: the champion), on its dataset plus items imported since."
     import mlflow.sklearn
     from cd4ml.intervals import stored_intervals
     from cd4ml.registry import describe_version, trained_horizon
     mv = resolve_model(model_version, name)
-    key = (tracking_uri(), name, mv.version, max_horizon, cache_rows)
+    trained = dataset_of(mv)
+    served = with_new_items(trained)
+    key = (tracking_uri(), name, mv.version, max_horizon, cache_rows, served)
     if key not in _forecasters:
-        ds, horizon = dataset_of(mv), trained_horizon(describe_version(mv.version, name))
+        horizon = trained_horizon(describe_version(mv.version, name))
         model = mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
-        data = load_dataset(ds)
+        data = load_dataset(served)
         info = {"name": name, "version": mv.version, "run_id": mv.run_id, "model_uri": f"models:/{name}/{mv.version}",
-                "dataset_version": ds, "horizon": horizon, "freq": features.freq_of(data),
+                "dataset_version": trained, "items_version": served, "horizon": horizon, "freq": features.freq_of(data),
                 "git_sha": mv.tags.get("git_sha") or _run_tag(mv.run_id, "git_sha"),
                 "aliases": list(getattr(mv, "aliases", []) or [])}
         _forecasters[key] = Forecaster(model, data, mv.version, max_horizon or horizon, info, cache_rows,
@@ -326,9 +330,10 @@ def predict(rows,                                    # request rows: a frame or 
     fc = load_forecaster(model_version)
     levels = parse_quantiles(quantiles)
     fc.check_quantiles(levels)
-    preds = fc.predict(check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog))
+    preds = fc.predict(frame := check_rows(parse_rows(rows, max_rows=len(rows) or 1), fc.catalog))
     if not levels: return preds
-    return pd.DataFrame({"prediction": preds, **dict(zip(map(quantile_key, levels), fc.quantiles(preds, levels)))})
+    bands = fc.quantiles(preds, levels, cold=fc.cold_start(frame))      # NaN for cold-start rows: no calibrated band
+    return pd.DataFrame({"prediction": preds, **dict(zip(map(quantile_key, levels), bands))})
 
 # %% ../nbs/44_deployment.ipynb #e4cf66c7
 log = logging.getLogger("bentoml.cd4ml")   # BentoML's handlers show it in the server log
@@ -340,8 +345,10 @@ def forget(*forecasters: Forecaster):
 def reloaded(deployment: Deployment,
              wanted: dict[str, str],   # version per role, as `check_models` gives them
             ) -> Deployment | None:
-    "A deployment of the `wanted` versions (loaded from the registry), or None when `deployment` serves them already."
-    if wanted == deployment.versions: return None
+    "A deployment of the `wanted` versions with the newest items of their datasets; None when `deployment` is that."
+    current = all(fc.info["items_version"] == with_new_items(fc.info["dataset_version"])
+                  for fc in (deployment.champion, deployment.challenger) if fc is not None and "items_version" in fc.info)
+    if wanted == deployment.versions and current: return None
     c = deployment.config
     load = lambda role: load_forecaster(wanted[role], c.max_horizon, cache_rows=c.cache_rows) if role in wanted else None
     return deployment.replaced(load("champion"), load("challenger"))

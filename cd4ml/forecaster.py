@@ -15,10 +15,10 @@ from .contract import Catalog, RequestError, Rows
 from .intervals import bounds, quantile_range
 from . import features
 from .compiled import compile_model
-from .state import answer_keys, history_end, recent_units, series_state, state_features
+from .state import answer_keys, cold_start, history_end, recent_units, series_state, state_features
 
 # %% auto #0
-__all__ = ['AnswerCache', 'Forecaster']
+__all__ = ['AnswerCache', 'Forecaster', 'offline_predict']
 
 # %% ../nbs/41_forecaster.ipynb #2e139dfe
 class AnswerCache:
@@ -91,10 +91,20 @@ class Forecaster:
         values, missing = self.cache.get(keys.tolist())
         if missing.any():                   # one model call for the rows not kept, each distinct row once
             todo, first, back = np.unique(keys[missing], return_index=True, return_inverse=True)
-            fresh = np.asarray(self.units(state_features(self.state, rows[np.flatnonzero(missing)[first]])), "float64")
+            fresh = self._answers(rows[np.flatnonzero(missing)[first]])
             values[missing] = fresh[back]
             self.cache.put(todo.tolist(), fresh.tolist())
         return values
+
+    def _answers(self, rows: Rows) -> np.ndarray:
+        "Units for rows: the model's on their state features; for cold starts, the hierarchy's (`state.cold_start`)."
+        cold, units = cold_start(self.state, rows)
+        if not cold.all(): units[~cold] = self.units(state_features(self.state, rows[~cold]))
+        return units
+
+    def cold_start(self, frame) -> np.ndarray:
+        "True for each row (a frame or `Rows`) whose store-item had no sale up to the origin: answered by its hierarchy."
+        return cold_start(self.state, Rows.of(frame))[0]
 
     def recent(self, store_nbr: int, item_nbr: int, days: int = 56) -> pd.DataFrame:
         "Unit sales of one store-item per period over the last `days` of history (absent periods are 0)."
@@ -119,7 +129,23 @@ class Forecaster:
                 raise RequestError(f"quantiles[{i}] must be from {low:g} to {high:g} for model version {self.version}; "
                                    f"got {q!r}", f"quantiles[{i}]", q, 422)
 
-    def quantiles(self, predictions, quantiles: tuple) -> np.ndarray:
+    def quantiles(self, predictions, quantiles: tuple,
+                  cold=None) -> np.ndarray: # True for cold-start rows (`cold_start`): NaN, no calibrated band
         "The forecast at each of `quantiles` (a row per quantile) around this version's `predictions`."
         self.check_quantiles(quantiles)
-        return bounds(self.intervals, predictions, quantiles)
+        out = bounds(self.intervals, predictions, quantiles)
+        if cold is not None: out[:, np.asarray(cold, bool)] = np.nan
+        return out
+
+# %% ../nbs/41_forecaster.ipynb #6167104a
+def offline_predict(model,                 # a fitted estimator taking `features.FEATURES` columns
+                    data: Dataset | dict,  # the dataset it forecasts from
+                    rows: pd.DataFrame,    # typed request rows (`contract.ROW_FIELDS`) after its history end
+                   ) -> np.ndarray:
+    "What a version serves for `rows`, computed offline: `features_for` and `models.predict`; cold starts from the hierarchy."
+    from cd4ml import models
+    origin, step = history_end(data), features.period_of(features.freq_of(data))
+    horizon = max(1, int((pd.Timestamp(rows.date.max()) - origin) // step))
+    cold, units = cold_start(series_state(data, horizon), rows)
+    if not cold.all(): units[~cold] = models.predict(model, features.features_for(data, rows[~cold], origin))
+    return units

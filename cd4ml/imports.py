@@ -16,8 +16,8 @@ from .validate import (CHUNK_ROWS, check_mode, content_issues, content_schema, d
                             read_checked, unknown_keys)
 
 # %% auto #0
-__all__ = ['FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MIN_DATES', 'MAPPING', 'import_favorita', 'read_truth', 'KeyCoder',
-           'infer_freq', 'import_sales_csv', 'import_path']
+__all__ = ['FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MIN_DATES', 'MAPPING', 'ITEM_COLUMNS', 'import_favorita', 'read_truth',
+           'KeyCoder', 'infer_freq', 'import_sales_csv', 'import_path', 'new_items', 'import_items']
 
 # %% ../nbs/05_imports.ipynb #0aec8d1c
 def _save(tables: dict, issues: pd.DataFrame, source: str, freq: str, extra: dict | None) -> tuple[Dataset, dict]:
@@ -201,3 +201,68 @@ def import_path(path: Path | str, **kwargs) -> tuple[Dataset, dict]:
     if missing: raise Cd4mlError(f"{path.name} is a file: give its column mapping, missing "
                                  + ", ".join(f"--{k.replace('_', '-')}" for k in missing))
     return import_sales_csv(path, **given)
+
+# %% ../nbs/05_imports.ipynb #8642af7c
+ITEM_COLUMNS = ("item_nbr", "family", "class", "perishable")   # Favorita's items.csv
+
+def _item_values(raw: pd.DataFrame, name: str) -> pd.DataFrame:
+    "The columns of an items file as typed values; an error naming the line and value of the first bad one."
+    out = {}
+    for col in ("item_nbr", "class", "perishable"):
+        num = pd.to_numeric(raw[col], errors="coerce")
+        bad = num.isna() | (num % 1 != 0) | ~num.between(0, 2**31 - 1) | (col == "perishable") & ~num.isin([0, 1])
+        if bad.any():
+            j = int(np.argmax(bad.to_numpy()))
+            kind = "0 or 1" if col == "perishable" else "a whole number from 0 to 2147483647"
+            raise Cd4mlError(f"{name} line {j + 2}: {col} must be {kind}; got {raw[col].iloc[j]!r}")
+        out[col] = num.astype("int64")
+    empty = raw.family.isna() | (raw.family.astype(str).str.strip() == "")
+    if empty.any(): raise Cd4mlError(f"{name} line {int(np.argmax(empty.to_numpy())) + 2}: family is empty")
+    return pd.DataFrame({"item_nbr": out["item_nbr"], "family": raw.family.astype(str).str.strip(),
+                         "class": out["class"], "perishable": out["perishable"]})
+
+def new_items(raw: pd.DataFrame,    # the rows of an items file, as read (strings)
+              known: pd.DataFrame,  # the dataset's items table
+              name: str,            # the file's name, for errors
+             ) -> pd.DataFrame:
+    "The rows of `raw` not yet in `known`, typed; an error naming file, line, field and value for anything else."
+    missing = [c for c in ITEM_COLUMNS if c not in raw.columns]
+    if missing: raise Cd4mlError(f"{name}: column {missing[0]!r} is missing; an items file has {list(ITEM_COLUMNS)}, "
+                                 f"it has {list(raw.columns)}")
+    items = _item_values(raw, name)
+    twice = items.item_nbr.duplicated()
+    if twice.any():
+        j = int(np.argmax(twice.to_numpy())); v = int(items.item_nbr.iloc[j])
+        first = int(np.argmax((items.item_nbr == v).to_numpy()))
+        raise Cd4mlError(f"{name} line {j + 2}: item_nbr {v} is listed twice (lines {first + 2} and {j + 2})")
+    old = known.assign(family=known.family.astype(str)).set_index("item_nbr")[["family", "class", "perishable"]]
+    seen = items.item_nbr.isin(old.index).to_numpy()
+    for j in np.flatnonzero(seen):
+        row, was = items.iloc[j], old.loc[items.item_nbr.iloc[j]]
+        diff = next((c for c in ("family", "class", "perishable") if str(row[c]) != str(was[c])), None)
+        if diff: raise Cd4mlError(f"{name} line {j + 2}: item_nbr {row.item_nbr} has {diff} {str(row[diff])!r}, but "
+                                  f"the dataset has it with {diff} {str(was[diff])!r}: an item keeps its family, class "
+                                  "and perishable flag")
+    return items[~seen].reset_index(drop=True)
+
+# %% ../nbs/05_imports.ipynb #eeb3cd4b
+def import_items(path: Path | str,     # an items CSV: item_nbr, family, class, perishable (Favorita's items.csv)
+                 dataset: str = "latest", # the version to extend: a version, a unique prefix of one, or 'latest'
+                ) -> tuple[Dataset, dict]:
+    "A new version of `dataset` with the file's new items appended to its items table (`new_items`); meta `items_of`."
+    from cd4ml.datasets import load_dataset
+    path = Path(path)
+    if not path.is_file(): raise Cd4mlError(f"{path}: no such file")
+    ds = load_dataset(dataset)
+    try: raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise Cd4mlError(f"{path.name}: not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    added = new_items(raw, ds.table("items"), path.name)
+    if added.empty: raise Cd4mlError(f"{path.name}: every item is already in dataset {ds.version}; nothing to add")
+    tables = {name: ds.table(name) for name in TABLES if name in ds}
+    tables["items"] = pd.concat([tables["items"], added.astype(tables["items"].dtypes.to_dict())], ignore_index=True)
+    before = {m["version"] for m in list_datasets()}
+    new = save_dataset(tables, source=f"{ds.version} + items from {path}", freq=ds.meta.get("freq", "D"),
+                       extra={"items_of": ds.version, "items_added": len(added)})
+    return new, {"version": new.version, "items_of": ds.version, "items_added": len(added),
+                 "created": new.version not in before}

@@ -15,7 +15,7 @@ import pandas as pd
 from .core import Cd4mlError, workspace
 from .gates import GateResult, checked_block, gate_table, gates_from_table, is_number
 from .registry import MODEL_NAME
-from .state import history_end, sales_window, serving_history
+from .state import sales_window, serving_history
 
 # %% auto #0
 __all__ = ['RELEASE_DEFAULTS', 'PARITY_TOLERANCE', 'release_config', 'latency_summary', 'gate_release', 'smoke_rows',
@@ -268,13 +268,13 @@ def load_test(base: str, rows: pd.DataFrame, requests: int = 200, concurrency: i
 
 # %% ../nbs/48_release.ipynb #45060735
 def offline_predictions(version: str, rows: pd.DataFrame, name: str) -> np.ndarray:
-    "Predictions of registered `name` version `version` for `rows`, computed offline as evaluation does."
-    from cd4ml import features, models, registry
+    "Predictions of registered `name` version `version` for `rows`, computed offline as evaluation does (`offline_predict`)."
+    from cd4ml import registry
     from cd4ml.datasets import load_dataset
+    from cd4ml.forecaster import offline_predict
     ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
-    model = registry.load_model(f"models:/{name}/{version}")
     window = serving_history(ds)      # the lookback window and first sales: the same features as the whole history
-    return models.predict(model, features.features_for(window, rows, history_end(window)))
+    return offline_predict(registry.load_model(f"models:/{name}/{version}"), window, rows)
 
 def release_version(version: str,            # the registered version to release
                     config: dict,            # the release block (see `release_config`)

@@ -106,9 +106,12 @@ class PredictResponse(BaseModel):
     predictions: list[float] = Field(description="forecast units sold, one per row")
     model_version: str = Field(description="the version that answered, or 'mixed' under a canary")
     model_versions: list[str] = Field(description="the version that answered each row")
+    cold_start: list[bool] = Field(description="per row: its store-item had no sale up to the history end, so it was "
+                                               "forecast from its class/family/store in that store, not by the model")
     request_id: str
-    quantiles: dict[str, list[float]] | None = Field(None, description="when asked: quantile ('0.1') -> its forecast "
-                                                                        "for each row")
+    quantiles: dict[str, list[float | None]] | None = Field(None, description="when asked: quantile ('0.1') -> its "
+                                                                               "forecast for each row (null for a "
+                                                                               "cold-start row: no calibrated band)")
 
     def model_dump_json(self, **kwargs) -> str:
         "The body as JSON; `quantiles` only when they were asked for."
@@ -247,11 +250,11 @@ def quantile_answers(deployment: Deployment,
                     ) -> dict[str, list[float]]:
     "Quantile -> its forecast per row, from the intervals of the version that answered the row."
     preds, versions = np.asarray(result["predictions"]), np.asarray(result["model_versions"])
-    out = np.zeros((len(quantiles), len(preds)))
+    cold, out = np.asarray(result["cold_start"], bool), np.zeros((len(quantiles), len(preds)))
     for fc in serving(deployment):
         mine = versions == fc.version
-        if mine.any(): out[:, mine] = fc.quantiles(preds[mine], quantiles)
-    return {quantile_key(q): values.tolist() for q, values in zip(quantiles, out)}
+        if mine.any(): out[:, mine] = fc.quantiles(preds[mine], quantiles, cold=cold[mine])
+    return {quantile_key(q): [None if np.isnan(v) else v for v in values.tolist()] for q, values in zip(quantiles, out)}
 
 # %% ../nbs/46_service.ipynb #6b77e227
 def freeze_loaded():
@@ -372,13 +375,15 @@ class Forecast:
         try: recent = fc.recent(store_nbr, item_nbr, days)      # the series state's window: at most 112 days
         except Cd4mlError as e: return _error(RequestError(str(e), "days", days, 422))
         ahead = fc.outlook(store_nbr, item_nbr, onpromotion)
-        band = fc.quantiles(ahead.prediction, INTERVAL) if fc.intervals else np.full((2, len(ahead)), None)
-        return {"store_nbr": store_nbr, "item_nbr": item_nbr, "model_version": fc.version,
-                "interval": list(INTERVAL) if fc.intervals else None,
+        cold = bool(fc.cold_start(ahead).any())                # a store-item never sold: no calibrated band
+        banded = fc.intervals is not None and not cold
+        band = fc.quantiles(ahead.prediction, INTERVAL) if banded else np.full((2, len(ahead)), None)
+        return {"store_nbr": store_nbr, "item_nbr": item_nbr, "model_version": fc.version, "cold_start": cold,
+                "interval": list(INTERVAL) if banded else None,
                 "actual": [{"date": d.date().isoformat(), "unit_sales": float(v)}
                            for d, v in zip(recent.date, recent.unit_sales)],
                 "forecast": [{"date": d.date().isoformat(), "prediction": float(v),
-                              **({"low": float(lo), "high": float(hi)} if fc.intervals else {})}
+                              **({"low": float(lo), "high": float(hi)} if banded else {})}
                              for d, v, lo, hi in zip(ahead.date, ahead.prediction, *band)]}
 
 Forecast.add_asgi_middleware(TokenGuard, tokens=load_tokens(), protect_predict=CONFIG.protect_predict)  # first: outermost

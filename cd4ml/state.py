@@ -18,8 +18,9 @@ from .features import (ATTRIBUTES, FEATURES, HOLIDAYS, _store_traffic, context, 
 from .scale import FIRST_SALE
 
 # %% auto #0
-__all__ = ['SMALL_TABLES', 'SEASONAL', 'BY_DATE', 'BY_ITEM', 'BY_STORE', 'history_end', 'sales_window', 'first_sales',
-           'serving_history', 'SeriesState', 'series_state', 'locate', 'state_features', 'answer_keys', 'recent_units']
+__all__ = ['SMALL_TABLES', 'SEASONAL', 'BY_DATE', 'BY_ITEM', 'BY_STORE', 'COLD_PEERS', 'history_end', 'sales_window',
+           'first_sales', 'serving_history', 'SeriesState', 'hierarchy_means', 'promo_lift', 'series_state', 'locate',
+           'state_features', 'answer_keys', 'cold_start', 'recent_units']
 
 # %% ../nbs/15_state.ipynb #1b407b38
 SMALL_TABLES = ("items", "stores", "holidays", "oil", "transactions")   # read whole: one row per item, store or day
@@ -88,6 +89,10 @@ class SeriesState(NamedTuple):
     by_item: np.ndarray     # per item: `BY_ITEM`
     by_store: np.ndarray    # per store: `BY_STORE`
     units: np.ndarray       # per series: unit sales of each period of the lookback window (0: none sold)
+    cold: np.ndarray        # per store x item class x weekday lag: what a store-item that never sold there forecasts
+                            # (log1p units: `cold_start`)
+    item_class: np.ndarray  # per item: its index in `cold`'s classes
+    lift: np.ndarray        # per item: its family's promotion lift (log1p units)
 
 def _nan_row(a: np.ndarray) -> np.ndarray:
     "`a` with a row of NaN appended: what a store-item that never sold gets."
@@ -99,9 +104,8 @@ def _index(sorted_ids: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
     return at, (sorted_ids[at] == ids) if len(sorted_ids) else np.zeros(len(at), bool)
 
 # %% ../nbs/15_state.ipynb #64c6e071
-def _series_arrays(hist, origin, ctx, stores: np.ndarray, items: np.ndarray) -> dict:
-    "The per-series fields of a `SeriesState`: `series_stats` of `hist` at `origin`, and the family pooling over it."
-    stats, by_lag = series_stats(hist, origin)
+def _series_arrays(hist, stats: pd.DataFrame, by_lag: np.ndarray, ctx, stores: np.ndarray, items: np.ndarray) -> dict:
+    "The per-series fields of a `SeriesState`: the `series_stats` of `hist` at the origin, and the family pooling over them."
     pooled = pool_family_weekday([family_weekday_sums(ctx, hist, stats, by_lag)])
     (s, s_in), (i, i_in) = _index(stores, hist.keys >> 32), _index(items, hist.keys & 0xFFFFFFFF)
     series = np.full((len(stores), len(items)), len(hist.keys), "int64")
@@ -133,6 +137,69 @@ def _window_units(window: pd.DataFrame, hist) -> np.ndarray:
     units[rows, (window.date - hist.start) // hist.step] = window.unit_sales.to_numpy("float64")
     return units
 
+# %% ../nbs/15_state.ipynb #bdd61b7a
+COLD_PEERS = 3   # fewest selling series a level of the hierarchy needs to answer for a new store-item
+
+def _group_means(values: np.ndarray, group: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    "Per group 0..n-1: the mean of `values` rows (series x lag, NaN skipped) and how many values it has."
+    ok = np.isfinite(values)
+    sums, counts = np.zeros((n, values.shape[1])), np.zeros((n, values.shape[1]))
+    np.add.at(sums, group, np.where(ok, values, 0.0))
+    np.add.at(counts, group, ok)
+    return sums / np.maximum(counts, 1), counts
+
+def hierarchy_means(values: np.ndarray,     # per series x weekday lag: its level (NaN: not a peer)
+                    levels: list,           # per level, finest first: (group of each series, group of each cell, groups)
+                    peers: int = COLD_PEERS # fewest values a level needs to answer (the coarsest answers with any)
+                   ) -> np.ndarray:
+    "Per cell x lag: the mean of the finest level's group with at least `peers` values (0 where no level has any)."
+    out = np.zeros((len(levels[0][1]), values.shape[1]))
+    todo = np.ones(out.shape, bool)
+    for k, (of_series, of_cell, n) in enumerate(levels):
+        mean, count = _group_means(values, of_series, n)
+        use = todo & (count[of_cell] >= (peers if k < len(levels) - 1 else 1))
+        out[use] = mean[of_cell][use]
+        todo &= ~use
+    return out
+
+# %% ../nbs/15_state.ipynb #1f284093
+def promo_lift(y: np.ndarray,        # per series x period: log1p units (NaN: not open)
+               promo: np.ndarray,    # per series x period: 1.0 on promotion (NaN like y)
+               family: np.ndarray,   # per series: its family code (0..n-1)
+               n: int,               # number of families
+               min_days: int = 20,   # fewest promoted days a family needs for a lift of its own
+              ) -> np.ndarray:
+    "Per family: mean log1p units on promoted days minus on the others, clipped to 0..1; all families' where too few."
+    on, off = np.nan_to_num(promo) == 1, np.nan_to_num(promo, nan=1.0) == 0
+    sums = np.zeros((n + 1, 4))             # the last row: all families together
+    parts = np.column_stack([(np.nan_to_num(y) * on).sum(1), on.sum(1), (np.nan_to_num(y) * off).sum(1), off.sum(1)])
+    np.add.at(sums, family, parts)
+    sums[n] = parts.sum(0)
+    diff = sums[:, 0] / np.maximum(sums[:, 1], 1) - sums[:, 2] / np.maximum(sums[:, 3], 1)
+    diff = np.where((sums[:, 1] >= min_days) & (sums[:, 3] > 0), diff, np.nan)
+    return np.clip(np.where(np.isnan(diff[:n]), np.nan_to_num(diff[n]), diff[:n]), 0, 1)
+
+# %% ../nbs/15_state.ipynb #b01f7289
+def _cold_arrays(hist, by_lag: np.ndarray, ctx, stores: np.ndarray, items: np.ndarray) -> dict:
+    "The cold-start fields of a `SeriesState`: store x class x weekday level of the selling peers, and each item's lift."
+    season = by_lag.shape[1]
+    (s, s_in), (i, i_in) = _index(stores, hist.keys >> 32), _index(items, hist.keys & 0xFFFFFFFF)
+    codes = ctx.items.reindex(items)[["family_code", "class_code"]].fillna(-1).to_numpy("int64")
+    classes, item_class = np.unique(codes, axis=0, return_inverse=True)
+    item_class = item_class.reshape(-1)
+    family, n_s, n_c = codes[:, 0], len(stores), len(classes)   # family codes: 0..n-1 (`features.context`)
+    n_f = int(family.max(initial=0)) + 1
+    peer = s_in & i_in & (np.nan_to_num(hist.y[:, -8 * season:]) > 0).any(axis=1)
+    recent = lambda a: np.where(peer[:, None], a[:, -8 * season:], np.nan)   # the peers' last 8 weeks (else NaN)
+    level = np.where(peer[:, None], by_lag[:, :, 2], np.nan)
+    c, f = item_class[i], family[i]                               # (non-peers: any group, their values are NaN)
+    cell_s, cell_c = np.repeat(np.arange(n_s), n_c), np.tile(np.arange(n_c), n_s)
+    cell_f = classes[cell_c, 0]
+    cold = hierarchy_means(level, [(s * n_c + c, cell_s * n_c + cell_c, n_s * n_c),
+                                   (s * n_f + f, cell_s * n_f + cell_f, n_s * n_f), (s, cell_s, n_s)])
+    lift = promo_lift(recent(hist.y), recent(hist.promo), f, n_f)
+    return {"cold": cold.reshape(n_s, n_c, season), "item_class": item_class, "lift": lift[family]}
+
 # %% ../nbs/15_state.ipynb #40859efc
 def series_state(data: Dataset | dict, # a stored dataset, a dict of tables, or the `serving_history` of either
                  max_horizon: int,     # periods after the history's last day that may be asked for
@@ -147,8 +214,10 @@ def series_state(data: Dataset | dict, # a stored dataset, a dict of tables, or 
     stores = np.sort(tables["stores"].store_nbr.to_numpy("int64"))
     items = np.sort(tables["items"].item_nbr.to_numpy("int64"))
     dates = pd.date_range(origin + step, periods=max_horizon, freq=step)
+    stats, by_lag = series_stats(hist, origin)
     return SeriesState(origin, step, stores, items, units=_window_units(window, hist),
-                       **_series_arrays(hist, origin, ctx, stores, items),
+                       **_series_arrays(hist, stats, by_lag, ctx, stores, items),
+                       **_cold_arrays(hist, by_lag, ctx, stores, items),
                        **_day_arrays(ctx, stores, dates, 7 // step.days), **_attribute_arrays(ctx, stores, items, origin))
 
 # %% ../nbs/15_state.ipynb #4b185ff3
@@ -190,6 +259,15 @@ def answer_keys(state: SeriesState, rows) -> np.ndarray:
     "One int64 per forecastable row of `state` (store, item, period, promotion): what an answer is cached under."
     s, i, p = locate(state, rows)
     return ((s * len(state.items) + i) * len(state.by_date) + p) * 2 + np.asarray(rows["onpromotion"], "int64")
+
+# %% ../nbs/15_state.ipynb #cbcd70b8
+def cold_start(state: SeriesState, rows) -> tuple[np.ndarray, np.ndarray]:
+    "Which rows are cold starts (no sale of their store-item up to the origin), and their hierarchy forecast (units; 0 for the others)."
+    s, i, p = locate(state, rows)
+    cold = state.series[s, i] == len(state.stats) - 1
+    level = state.cold[s, state.item_class[i], (-(p + 1)) % state.cold.shape[2]]
+    units = np.expm1(level + state.lift[i] * np.asarray(rows["onpromotion"], "float64"))
+    return cold, np.where(cold, units, 0.0)
 
 # %% ../nbs/15_state.ipynb #2bab129f
 def recent_units(state: SeriesState, store_nbr: int, item_nbr: int,

@@ -87,7 +87,7 @@ def cache_counts(base) -> dict:
 
 def test_random_rows_of_a_wide_catalog_equal_offline_cold_and_hot(wide):
     "Rows no cache holds (store-items that never sold among them), then rows it does: all equal the offline prediction."
-    from cd4ml import features, models
+    from cd4ml.forecaster import offline_predict
     ds, base = wide["dataset"], wide["base"]
     sold = set(zip(ds.sales.store_nbr, ds.sales.item_nbr))
     never = [(s, i) for s in ds.table("stores").store_nbr for i in ds.table("items").item_nbr if (s, i) not in sold][:5]
@@ -95,12 +95,14 @@ def test_random_rows_of_a_wide_catalog_equal_offline_cold_and_hot(wide):
                       catalog_rows(ds, 16, 5, seed=5).assign(store_nbr=[s for s, _ in never], item_nbr=[i for _, i in never])])
     rows = rows.drop_duplicates().reset_index(drop=True)
     assert len(never) == 5 and rows.store_nbr.nunique() == 20 and rows.item_nbr.nunique() > 150
-    expected = models.predict(wide["model"], features.features_for(ds, rows, pd.Timestamp(ds.meta["end"])))
-    one = lambda i: post(base, as_request(rows.iloc[[i]])).json()["predictions"][0]
+    expected = offline_predict(wide["model"], ds, rows)          # features_for and the model; never sold: hierarchy
+    answers = lambda i: post(base, as_request(rows.iloc[[i]])).json()
     n = len(rows)
-    with ThreadPoolExecutor(8) as pool: cold = list(pool.map(one, range(n - 100)))   # concurrent, micro-batched
-    cold += [one(i) for i in range(n - 100, n)]                                        # the last 100 in order
-    np.testing.assert_allclose(cold, expected, rtol=0, atol=1e-9)
+    with ThreadPoolExecutor(8) as pool: cold = list(pool.map(answers, range(n - 100)))   # concurrent, micro-batched
+    cold += [answers(i) for i in range(n - 100, n)]                                        # the last 100 in order
+    np.testing.assert_allclose([a["predictions"][0] for a in cold], expected, rtol=0, atol=1e-9)
+    never_sold = np.array([(s, i) not in sold for s, i in zip(rows.store_nbr, rows.item_nbr)])
+    assert [a["cold_start"][0] for a in cold] == never_sold.tolist() and never_sold.sum() >= 5
     assert cache_counts(base) == {"hits": 0, "misses": n, "evictions": n - CACHE_ROWS}
     hot = post(base, as_request(rows.iloc[n - 100:])).json()["predictions"]         # still among the last 150
     np.testing.assert_allclose(hot, expected[n - 100:], rtol=0, atol=1e-9)
