@@ -11,7 +11,8 @@ from pathlib import Path
 from .core import Cd4mlError
 
 # %% auto #0
-__all__ = ['WARM_UP', 'THREAD_VARS', 'KERNEL_ARGS', 'KERNEL_ENV', 'write_notebook', 'Kernel', 'register_engine', 'KernelPool']
+__all__ = ['WARM_UP', 'THREAD_VARS', 'RECYCLE_BYTES', 'KERNEL_ARGS', 'KERNEL_ENV', 'write_notebook', 'Kernel', 'register_engine',
+           'KernelPool']
 
 # %% ../nbs/22_kernels.ipynb #824e601a
 def write_notebook(path: Path | str, # where to write it
@@ -41,6 +42,8 @@ WARM_UP = "import numpy, pandas, sklearn, matplotlib.pyplot, cd4ml.core"   # wha
                                                                           # the parent sets up MLflow
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS")
+RECYCLE_BYTES = 2 * 2**30   # a step that needed more leaves its kernel this big: memory Python freed stays with the
+                            # process (at 125 M rows the features step's 6 GB were still held while training ran)
 KERNEL_ARGS = ["--HistoryManager.enabled=False"]                 # no IPython history database (see above)
 KERNEL_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}   # no "Downloading artifacts: …%" bars in the reports
 # run once in each new kernel: no tqdm.auto warning about ipywidgets, no colours forced on subprocesses (see above)
@@ -81,6 +84,12 @@ class Kernel:
         "Fresh namespace, no open figures, execution count 1."
         self.run(_RESET)
 
+    def rss(self) -> float:
+        "Resident bytes of the kernel's process (infinite if it is gone)."
+        import psutil
+        try: return psutil.Process(self.km.provisioner.pid).memory_info().rss
+        except (psutil.Error, AttributeError, TypeError): return float("inf")
+
     def shutdown(self):
         "Stop the kernel and close its log."
         self.kc.stop_channels()
@@ -112,8 +121,10 @@ class KernelPool:
                  cwd: Path | str,                      # the kernels' working folder
                  log_dir: Path | str | None = None,    # where each kernel's log goes (`kernel-<i>.log`)
                  warm_up: str = WARM_UP,               # code each kernel runs when it starts
+                 recycle_bytes: float = RECYCLE_BYTES, # a kernel resident above this after a job is replaced
                 ):
         self.size, self.cwd, self.log_dir, self.warm_up = max(1, size), cwd, log_dir, warm_up
+        self.recycle_bytes = recycle_bytes
         self.jobs, self.workers = queue.Queue(), []
 
     def ensure(self, n: int):
@@ -133,19 +144,29 @@ class KernelPool:
         self.jobs.put((fn, fut))
         return fut
 
-    def _work(self, threads, log):
+    def _started(self, threads, log) -> tuple:
+        "(a new warm kernel, None), or (None, the error that stopped it)."
         try:
-            kernel, error = Kernel(self.cwd, threads, log), None
+            kernel = Kernel(self.cwd, threads, log)
             if self.warm_up: kernel.run(self.warm_up)
-        except Exception as e: kernel, error = None, e
+            return kernel, None
+        except Exception as e: return None, e
+
+    def _work(self, threads, log):
+        kernel, error = self._started(threads, log)
         while (job := self.jobs.get()) is not None:
             fn, fut = job
             if not fut.set_running_or_notify_cancel(): continue
             if error:
                 fut.set_exception(Cd4mlError(f"could not start a python3 Jupyter kernel: {error}"))
                 continue
-            try: fut.set_result(fn(kernel))
-            except BaseException as e: fut.set_exception(e)
+            try: result, failure = fn(kernel), None
+            except BaseException as e: result, failure = None, e
+            recycle = kernel.rss() > self.recycle_bytes
+            if recycle: kernel.shutdown()          # before the next step starts: give the memory back first
+            if failure: fut.set_exception(failure)
+            else: fut.set_result(result)
+            if recycle: kernel, error = self._started(threads, log)
         if kernel: kernel.shutdown()
 
     def close(self):
