@@ -24,6 +24,7 @@ CANDIDATES: dict[str, dict] = {
     "lightgbm": {"n_estimators": 500, "learning_rate": 0.04, "num_leaves": 15, "min_child_samples": 200, "subsample": 0.8,
                  "subsample_freq": 1, "colsample_bytree": 0.5, "extra_trees": True, "reg_lambda": 10.0, "n_jobs": 1,
                  "random_state": 0, "verbose": -1},
+    "blend": {"lightgbm": 0.7, "ridge": 0.3, "hist_gbr": 0.0, "random_forest": 0.0},   # weight of each learned candidate
 }
 BASELINES = ("moving_average", "seasonal_naive")   # simple forecasts every model must beat; never registered
 

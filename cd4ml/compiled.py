@@ -16,7 +16,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from . import models
 from .features import FEATURES
-from .models import FORGOTTEN, LEVEL_REFERENCE, RELATIVE, FeatureBaseline, LevelRelative
+from .models import FORGOTTEN, LEVEL_REFERENCE, RELATIVE, Blend, FeatureBaseline, LevelRelative
 
 # %% auto #0
 __all__ = ['Predict', 'compile_model']
@@ -124,7 +124,13 @@ def _relative(est: LevelRelative) -> Predict | None:
         return inner(Z) + level
     return inner and predict
 
-_COMPILERS = {TransformedTargetRegressor: _target, LevelRelative: _relative, Pipeline: _linear,
+def _blend(est: Blend) -> Predict | None:
+    "The weighted sum of the compiled members (None if one is not compiled)."
+    parts = [_compile(m) for m in est.members_]
+    if any(p is None for p in parts): return None
+    return lambda X: sum(w * p(X) for w, p in zip(est.weights_, parts))
+
+_COMPILERS = {TransformedTargetRegressor: _target, LevelRelative: _relative, Blend: _blend, Pipeline: _linear,
               RandomForestRegressor: _forest, HistGradientBoostingRegressor: _hist_gbr}
 
 def _compile(est) -> Predict | None:

@@ -24,9 +24,9 @@ from .features import FEATURES, WINDOW_DAYS
 
 # %% auto #0
 __all__ = ['CATEGORICAL', 'LEVELS', 'LEVEL_REFERENCE', 'RELATIVE', 'FORGOTTEN', 'TRAINING_DEFAULTS', 'LEVEL_BREAK',
-           'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit', 'predict', 'LevelRelative',
-           'feature_importance', 'training_config', 'in_sample', 'sampled', 'level_breaks', 'training_set',
-           'PerHorizon', 'per_horizon']
+           'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit', 'predict', 'Blend',
+           'LevelRelative', 'feature_importance', 'training_config', 'in_sample', 'sampled', 'level_breaks',
+           'training_set', 'PerHorizon', 'per_horizon']
 
 # %% ../nbs/12_models.ipynb #ef2dbaa7
 class FeatureBaseline(RegressorMixin, BaseEstimator):
@@ -76,8 +76,17 @@ def _lightgbm(**params):
     from lightgbm import LGBMRegressor     # imported when asked for: `cd4ml.models` loads without it
     return LGBMRegressor(**params)
 
+def _blend(**weights):
+    "A `Blend` of the candidates given a weight > 0, each with its default parameters."
+    bad = {m: w for m, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0}
+    if bad: raise Cd4mlError(f"blend weight(s) {bad}: expected numbers >= 0 (0 leaves a candidate out)")
+    members = [m for m, w in weights.items() if w > 0]
+    if not members: raise Cd4mlError(f"blend weights {weights} are all 0: give at least one candidate a weight > 0")
+    return Blend([(m, _BUILDERS[m](**CANDIDATES[m])) for m in members], [weights[m] for m in members])
+
 _BUILDERS = {"moving_average": MovingAverage, "seasonal_naive": SeasonalNaive, "ridge": _ridge,
-             "random_forest": RandomForestRegressor, "hist_gbr": HistGradientBoostingRegressor, "lightgbm": _lightgbm}
+             "random_forest": RandomForestRegressor, "hist_gbr": HistGradientBoostingRegressor, "lightgbm": _lightgbm,
+             "blend": _blend}
 
 def make_model(name: str,                 # one of `CANDIDATES`
                params: dict | None = None, # overrides of the candidate's default parameters
@@ -99,6 +108,11 @@ def _weight_param(regressor) -> str | None:
         inner = _weight_param(regressor.steps[-1][1])
         return inner and f"{regressor.steps[-1][0]}__{inner}"
     return "sample_weight" if has_fit_parameter(regressor, "sample_weight") else None
+
+def _fit_weighted(estimator, X, y, sample_weight=None):
+    "A fitted clone of `estimator`, the sample weight passed where it takes one."
+    name = _weight_param(estimator)
+    return clone(estimator).fit(X, y, **({name: sample_weight} if name and sample_weight is not None else {}))
 
 @cache
 def _thread_controller() -> ThreadpoolController: return ThreadpoolController()
@@ -122,6 +136,24 @@ def predict(model: TransformedTargetRegressor, frame: pd.DataFrame) -> np.ndarra
     with _one_thread():
         return np.clip(model.predict(frame[FEATURES]), 0, None)
 
+# %% ../nbs/12_models.ipynb #e609a057
+class Blend(RegressorMixin, BaseEstimator):
+    "The weighted mean of its members' predictions, each member fitted on the same rows and weights."
+    def __init__(self, members=None, # [(name, unfitted estimator), ...]
+                 weights=None,       # one weight > 0 per member; scaled to sum 1
+                ): self.members, self.weights = members, weights
+
+    def fit(self, X, y, sample_weight=None):
+        weights = np.asarray(self.weights, dtype="float64")
+        self.weights_ = weights / weights.sum()
+        self.members_ = [_fit_weighted(est, X, y, sample_weight) for _, est in self.members]
+        if hasattr(X, "columns"): self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        self.n_features_in_ = np.shape(X)[1]
+        return self
+
+    def predict(self, X):
+        return sum(w * m.predict(X) for w, m in zip(self.weights_, self.members_))
+
 # %% ../nbs/12_models.ipynb #b351bd56
 LEVEL_REFERENCE = "mean_7d"   # a series' recent level: the last 7 days' mean log1p(sales)
 RELATIVE = ["lag_1", "last_same_dow", "dow_mean_4w", *[f"{s}_{d}d" for s in ("mean", "median") for d in WINDOW_DAYS if d <= 28],
@@ -142,9 +174,7 @@ class LevelRelative(RegressorMixin, BaseEstimator):
 
     def fit(self, X, y, sample_weight=None):
         X, level = self._relative(X)
-        name = _weight_param(self.regressor)
-        kwargs = {name: sample_weight} if name and sample_weight is not None else {}
-        self.regressor_ = clone(self.regressor).fit(X, np.asarray(y, dtype="float64") - level, **kwargs)
+        self.regressor_ = _fit_weighted(self.regressor, X, np.asarray(y, dtype="float64") - level, sample_weight)
         self.feature_names_in_, self.n_features_in_ = np.asarray(X.columns, dtype=object), X.shape[1]
         return self
 

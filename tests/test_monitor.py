@@ -242,7 +242,7 @@ def test_drift_alert_then_retrain_promotes_a_better_model(new_workspace, cli, ru
 # The relative model (a new kind of model to serve) goes through the release as `make pipeline` runs it.
 SHIFTED_WEEKS = 4
 SHIFT_RUN = ["-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
-             "-p", "models=lightgbm,moving_average"]   # LightGBM: the default data's best candidate
+             "-p", "models=blend,moving_average", "-p", "models.blend.ridge=0"]   # the blend without ridge: LightGBM alone
 
 def test_retrain_four_weeks_after_a_level_shift_promotes(new_workspace, cli):
     from cd4ml.datasets import save_dataset

@@ -14,8 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
-        "-p", "models.hist_gbr.max_iter=30", "-p", "models.lightgbm.n_estimators=50"]
-MODELS = ["moving_average", "seasonal_naive", "ridge", "hist_gbr", "lightgbm"]
+        "-p", "models.hist_gbr.max_iter=30"]
+MODELS = ["moving_average", "seasonal_naive", "ridge", "hist_gbr", "blend"]
 
 
 def cached(result) -> dict:
@@ -243,13 +243,13 @@ def test_default_run_installs_nothing(default_run):
     assert default_run.installed_after == default_run.installed_before
 
 
-def test_default_run_noise_floor_and_lightgbm_champion(default_run):
+def test_default_run_noise_floor_and_blend_champion(default_run):
     r = default_run.result
     ma, best = r["baselines"]["moving_average"], r["best"]["metrics"]["nwrmsle"]
     assert 0 < r["bayes_nwrmsle"] < r["oracle_nwrmsle"] < ma                  # the log-optimal forecast beats the mean
     assert r["gain_captured"] == pytest.approx((ma - best) / (ma - r["bayes_nwrmsle"]), rel=1e-12)
-    assert r["gain_captured"] > 0.8, r["gain_captured"]                         # measured 0.829 (README: Models and the noise floor)
-    assert r["best"]["model"] == "lightgbm" and r["release"]["promoted"]        # a LightGBM champion, built, served and promoted ...
+    assert r["gain_captured"] > 0.84, r["gain_captured"]                        # measured 0.843; LightGBM alone 0.829 (bench/bench_models.py)
+    assert r["best"]["model"] == "blend" and r["release"]["promoted"]           # a LightGBM + ridge champion, built, served and promoted ...
     parity = next(g for g in r["release"]["gates"] if g["gate"] == "parity")
     assert parity["result"] == "pass" and parity["value"] <= 1e-9               # ... answering as offline to 1e-9
 

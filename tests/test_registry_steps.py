@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
-        "-p", "models.hist_gbr.max_iter=30", "-p", "models.lightgbm.n_estimators=50"]
+        "-p", "models.hist_gbr.max_iter=30"]
 
 
 @pytest.fixture(scope="module")
