@@ -72,6 +72,9 @@ def free_port():
 # ---------------------------------------------------------------------------------------------------------------------
 # on two processes: `make pytest` runs `pytest -n 2 --dist loadgroup` (pytest-xdist)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):   # a worker starts with COLUMNS=80 LINES=24: rich's console (imported later)
+    for k in ("COLUMNS", "LINES"): os.environ.pop(k, None)   # would keep 80 columns, whatever COLUMNS a test sets
+
 SHARED_RUNS = ("default_run", "first_run")  # session fixtures that run the pipeline; their tests write to its workspace
 LONGEST_FIRST = ["test_secrets.py", "test_monitor.py", "test_shared_tracking.py", "default_run", "test_weekly.py",
                  "test_dask_cluster.py", "first_run", "test_serving_db.py"]   # measured: the groups that take longest
