@@ -58,13 +58,13 @@ class Collected:
 
 def test_files_sharing_a_pipeline_run_go_to_one_worker_longest_first():
     from conftest import LONGEST_FIRST, pytest_collection_modifyitems
+    assert LONGEST_FIRST.index("default_run") < LONGEST_FIRST.index("test_secrets.py") < LONGEST_FIRST.index("first_run")
     items = [Collected("test_a.py"), Collected("test_pipeline.py", "cli"), Collected("test_pipeline.py", "default_run"),
-             Collected("test_b.py", "first_run"), Collected("test_release.py", "default_run"), Collected(LONGEST_FIRST[0])]
+             Collected("test_b.py", "first_run"), Collected("test_release.py", "default_run"), Collected("test_secrets.py")]
     pytest_collection_modifyitems(None, items)
     assert [(i.path.name, [m.args[0] for m in i.marks]) for i in items] == [
-        (LONGEST_FIRST[0], [LONGEST_FIRST[0]]),
         ("test_pipeline.py", ["default_run"]), ("test_pipeline.py", ["default_run"]), ("test_release.py", ["default_run"]),
-        ("test_b.py", ["first_run"]), ("test_a.py", ["test_a.py"])]
+        ("test_secrets.py", ["test_secrets.py"]), ("test_b.py", ["first_run"]), ("test_a.py", ["test_a.py"])]
     with pytest.raises(pytest.UsageError, match="test_c.py uses default_run and first_run"):
         pytest_collection_modifyitems(None, [Collected("test_c.py", "first_run"), Collected("test_c.py", "default_run")])
 
