@@ -43,7 +43,7 @@ nbtest: install
 
 PYTEST_WORKERS ?= 2
 pytest: install ## pytest on PYTEST_WORKERS processes (default 2; 0: in this one), each test file on one of them
-	@$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15; rc=$$?; \
+	@$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here, not a pass" >&2; exit 1; fi; exit $$rc
 
 lab: install ## JupyterLab on nbs/ at http://127.0.0.1:$$PORT (default 8888); a step notebook run there binds to the last run

@@ -70,32 +70,25 @@ def free_port():
     return _stores.free_port
 
 # ---------------------------------------------------------------------------------------------------------------------
-# on two processes: `make pytest` runs `pytest -n 2 --dist loadgroup` (pytest-xdist)
+# on two processes: `make pytest` runs `pytest -n 2 --dist loadfile` (pytest-xdist): each file whole on one worker,
+# so its module fixtures are built once; a session fixture is built once in each worker that needs it, in that worker's
+# own temporary folders (the default run: on both workers, side by side). `--dist loadgroup` would keep the files that
+# share a run on one worker, but with pytest 9 it groups nothing (xdist 3.8 adds the group to the node ids too late).
 
 if os.environ.get("PYTEST_XDIST_WORKER"):   # a worker starts with COLUMNS=80 LINES=24: rich's console (imported later)
     for k in ("COLUMNS", "LINES"): os.environ.pop(k, None)   # would keep 80 columns, whatever COLUMNS a test sets
 
-SHARED_RUNS = ("default_run", "first_run")  # session fixtures that run the pipeline; their tests write to its workspace
-LONGEST_FIRST = ["default_run", "test_shared_tracking.py", "test_monitor.py", "test_secrets.py", "first_run",   # measured:
-                 "test_weekly.py", "test_registry_steps.py", "test_service.py", "test_dask_cluster.py"]   # 24%, 13%, 11%, ...
+LONGEST_FIRST = ["test_pipeline.py", "test_shared_tracking.py", "test_monitor.py", "test_secrets.py",   # measured:
+                 "test_interactive.py", "test_weekly.py", "test_registry_steps.py", "test_service.py",  # the files
+                 "test_dask_cluster.py", "test_release.py"]                                            # taking longest
 
 def pytest_collection_modifyitems(config, items):
-    """Each test file runs whole on one worker process (`xdist_group`), so its module fixtures are built once; the files
-    that use one of `SHARED_RUNS` run on one worker with that run, so the pipeline runs once and no two processes write
-    to its workspace at once. The groups start longest first (`LONGEST_FIRST`), so that no worker is left alone with a
-    long one at the end; the others keep their order."""
+    """The files start longest first (`LONGEST_FIRST`), so that no worker is left alone with a long one at the end;
+    the others, and the tests within each file, keep their order (`--no-loadscope-reorder`)."""
     files: dict[str, list] = {}
     for item in items: files.setdefault(item.path.name, []).append(item)
-    groups: dict[str, list] = {}
-    for name, tests in files.items():
-        runs = sorted({f for t in tests for f in t.fixturenames if f in SHARED_RUNS})
-        if len(runs) > 1: raise pytest.UsageError(f"{name} uses {' and '.join(runs)}: one shared pipeline run per file")
-        groups.setdefault(runs[0] if runs else name, []).extend(tests)
-    rank = lambda g: LONGEST_FIRST.index(g) if g in LONGEST_FIRST else len(LONGEST_FIRST)
-    items[:] = []
-    for group in sorted(groups, key=rank):                  # stable: the others in collection order
-        for t in groups[group]: t.add_marker(pytest.mark.xdist_group(group))
-        items.extend(groups[group])
+    rank = lambda name: LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items[:] = [t for name in sorted(files, key=rank) for t in files[name]]   # sorted() is stable
 
 # ---------------------------------------------------------------------------------------------------------------------
 # workspaces and the command line

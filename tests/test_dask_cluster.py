@@ -97,8 +97,8 @@ def test_dask_engine_on_a_separate_cluster(cluster, tmp_path):
     assert (rel["status"], rel["promoted"]) == ("passed", True), rel
     computed = tasks_computed(cluster.address)
     assert sorted(computed) == ["worker-a", "worker-b"]
-    assert sum(map(len, computed.values())) == 2 * PARTS, computed        # train and valid frames: one task per part each
-    assert len({k for keys in computed.values() for k in keys}) == 2 * PARTS
+    assert len({k for keys in computed.values() for k in keys}) == 2 * PARTS, computed   # train and valid: a task per part
+    # (each counted once: on a busy machine the scheduler may start a task on the second worker as well, stealing it)
     staged = shared/"data"/result["dataset"]
     assert sorted(p.name for p in (staged/"sales").iterdir()) == [f"part-{i:05d}.parquet" for i in range(PARTS)]
     assert (staged/"parts.json").exists() and list((shared/"tmp").iterdir()) == []   # scratch files deleted

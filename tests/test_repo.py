@@ -48,25 +48,20 @@ def test_make_test_prints_the_slowest_tests():
 
 def test_make_test_runs_pytest_on_two_processes():
     recipe = subprocess.run(["make", "-n", "pytest"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert re.search(r"pytest tests -n 2 --dist loadgroup ", recipe)      # each group of files on one worker
+    assert re.search(r"pytest tests -n 2 --dist loadfile ", recipe)       # each file whole on one worker
     assert "pytest-xdist" in (ROOT/"settings.ini").read_text()
 
 class Collected:
-    "What `pytest_collection_modifyitems` reads of a collected test: its file, its fixtures; it adds marks."
-    def __init__(self, file, *fixtures): self.path, self.fixturenames, self.marks = Path(file), list(fixtures), []
-    def add_marker(self, mark): self.marks.append(mark)
+    "What `pytest_collection_modifyitems` reads of a collected test: its file."
+    def __init__(self, file, name): self.path, self.name = Path(file), name
 
-def test_files_sharing_a_pipeline_run_go_to_one_worker_longest_first():
-    from conftest import LONGEST_FIRST, pytest_collection_modifyitems
-    assert LONGEST_FIRST.index("default_run") < LONGEST_FIRST.index("test_secrets.py") < LONGEST_FIRST.index("first_run")
-    items = [Collected("test_a.py"), Collected("test_pipeline.py", "cli"), Collected("test_pipeline.py", "default_run"),
-             Collected("test_b.py", "first_run"), Collected("test_release.py", "default_run"), Collected("test_secrets.py")]
+def test_the_longest_files_start_first():
+    from conftest import pytest_collection_modifyitems
+    items = [Collected("test_a.py", "1"), Collected("test_secrets.py", "1"), Collected("test_a.py", "2"),
+             Collected("test_pipeline.py", "1"), Collected("test_b.py", "1"), Collected("test_pipeline.py", "2")]
     pytest_collection_modifyitems(None, items)
-    assert [(i.path.name, [m.args[0] for m in i.marks]) for i in items] == [
-        ("test_pipeline.py", ["default_run"]), ("test_pipeline.py", ["default_run"]), ("test_release.py", ["default_run"]),
-        ("test_secrets.py", ["test_secrets.py"]), ("test_b.py", ["first_run"]), ("test_a.py", ["test_a.py"])]
-    with pytest.raises(pytest.UsageError, match="test_c.py uses default_run and first_run"):
-        pytest_collection_modifyitems(None, [Collected("test_c.py", "first_run"), Collected("test_c.py", "default_run")])
+    assert [(i.path.name, i.name) for i in items] == [("test_pipeline.py", "1"), ("test_pipeline.py", "2"),
+        ("test_secrets.py", "1"), ("test_a.py", "1"), ("test_a.py", "2"), ("test_b.py", "1")]
 
 FLOAT_REDUCTION = re.compile(r"\.(sum|mean)\(")
 
