@@ -23,8 +23,8 @@ from .core import Cd4mlError
 from .features import FEATURES, WINDOW_DAYS
 
 # %% auto #0
-__all__ = ['CATEGORICAL', 'LEVELS', 'LEVEL_REFERENCE', 'RELATIVE', 'FORGOTTEN', 'TRAINING_DEFAULTS', 'LEVEL_BREAK',
-           'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit', 'predict', 'Blend',
+__all__ = ['CATEGORICAL', 'LEVELS', 'PREDICT_ROWS', 'LEVEL_REFERENCE', 'RELATIVE', 'FORGOTTEN', 'TRAINING_DEFAULTS',
+           'LEVEL_BREAK', 'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit', 'predict', 'Blend',
            'LevelRelative', 'feature_importance', 'training_config', 'in_sample', 'sampled', 'level_breaks',
            'training_set', 'PerHorizon', 'per_horizon']
 
@@ -131,10 +131,15 @@ def fit(model: TransformedTargetRegressor, frame: pd.DataFrame) -> TransformedTa
     with _one_thread():
         return model.fit(frame[FEATURES], np.clip(frame.unit_sales.to_numpy(), 0, None), **kwargs)
 
-def predict(model: TransformedTargetRegressor, frame: pd.DataFrame) -> np.ndarray:
-    "Predicted units for each row of `frame`, never negative."
+PREDICT_ROWS = 500_000   # rows per model call: ridge's one-hot design matrix of 7 M validation rows (Favorita) is 5 GB
+
+def predict(model: TransformedTargetRegressor, frame: pd.DataFrame,
+            chunk_rows: int = PREDICT_ROWS,   # rows per call: the model's intermediate arrays stay this small
+           ) -> np.ndarray:
+    "Predicted units for each row of `frame`, never negative; a chunk of rows at a time (rows are independent)."
     with _one_thread():
-        return np.clip(model.predict(frame[FEATURES]), 0, None)
+        parts = [model.predict(frame.iloc[a:a + chunk_rows][FEATURES]) for a in range(0, len(frame), chunk_rows)]
+        return np.clip(np.concatenate(parts) if parts else np.zeros(0), 0, None)
 
 # %% ../nbs/12_models.ipynb #e609a057
 class Blend(RegressorMixin, BaseEstimator):
