@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-p", "stores=3", "-p", "items=8", "-p", "days=200", "-p", "horizon=7", "-p", "n_train=4", "-p", "n_valid=2",
         "-p", "models.hist_gbr.max_iter=30"]
-MODELS = ["moving_average", "seasonal_naive", "ridge", "hist_gbr", "blend"]
+MODELS = ["moving_average", "seasonal_naive", "ridge", "hist_gbr", "lightgbm", "blend"]
 
 
 def cached(result) -> dict:
