@@ -12,7 +12,7 @@ so every size has Favorita's history length and only the number of items grows. 
 each in a fresh process (papermill and its kernel for the notebooks), one after another. A thread samples the
 resident memory of the whole process tree every 0.1 s: the CLI or papermill, the kernel and, for dask, the local
 cluster's worker processes. A step that passes CD4ML_BENCH_MAX_GB is killed and reported as such (the machine is
-shared). Sizes from CD4ML_BENCH_SAMPLE_FROM rows on train on a 25 % sample of the series (training.mode=sample).
+shared). Sizes from CD4ML_BENCH_SAMPLE_FROM rows on train on a 25 % sample of the series (training.mode=sample), 10 % at 125 M.
 
 Prints a table of wall time and peak RSS per step, saves the numbers (JSON) and a plot (PNG) under
 $CD4ML_HOME/bench/, and says where the curves cross (from which size dask is faster / uses less memory).
@@ -93,7 +93,9 @@ def bench(size: str, engine: str, home: Path, model: str, sample_from: float, ma
     env.pop("DASK_SCHEDULER_ADDRESS", None)                      # the bench measures the local cluster's memory too
     work = home/engine/"bench"/size
     nominal = float(size.rstrip("M")) * 1e6
-    training = {"mode": "sample" if nominal >= sample_from else "full", "sample_fraction": 0.25, "seed": 0}
+    fraction = 0.1 if nominal >= 1e8 else 0.25       # at 125 M rows a quarter of the series is 7 M training rows beside
+    training = {"mode": "sample" if nominal >= sample_from else "full",   # 7 M validation rows: past 14 GB; a tenth, as
+                "sample_fraction": fraction, "seed": 0}                   # `make pipeline-favorita` trains on
     commands = {
         "data": [str(BIN/"cd4ml"), "data", "generate", "--preset", preset, *options, "--engine", engine, "--json"],
         "validate": notebook("validate", {"engine": engine, "inputs": {"data": str(work/"data")}}, work/"validate"),
