@@ -294,8 +294,8 @@ def release_version(version: str,            # the registered version to release
     except Cd4mlError as e: measured["build_error"] = str(e)
     timings["build_s"] = time.perf_counter() - t
     if bento:
-        ds = load_dataset(registry.describe_version(version, name)["dataset_version"])
-        horizon = registry.trained_horizon(registry.describe_version(version, name))
+        described = registry.describe_version(version, name)
+        ds, horizon = load_dataset(described["dataset_version"]), registry.trained_horizon(described)
         rows = smoke_rows(ds, horizon, config["smoke_rows"])
         expected = offline_predictions(version, rows, name)
         token = secrets.token_urlsafe(32)        # this server's only API token, never written down
