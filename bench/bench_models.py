@@ -5,21 +5,27 @@ For each seed, the default pipeline's data and split (`simulate(stores=10, items
 them), every variant is fitted on the training rows and scored on the same validation rows as the evaluate step:
 NWRMSLE, and gain captured = (moving average - variant) / (moving average - Bayes floor) (`cd4ml.metrics`).
 Variants: the candidates of `pipeline.yaml` with their catalog parameters; the LightGBM settings and training sizes that
-were tried to close the gap; and a *ceiling*: LightGBM given, beside the features, each row's true expected demand
-(`truth.expected`, log1p) -- information no forecaster has; what it misses is out of reach of better features.
+were tried to close the gap; *long history*: LightGBM (alone and in the blend) given four features over the 364 days
+before the origin that `cd4ml.features` does not compute (`long_history`: the series' level and mean log1p, the item's
+zero share and log-shrink pooled over the stores), on 20 and 40 training origins; and *ceilings*: LightGBM given, beside
+the features, each row's true expected demand (`truth.expected`, log1p) -- information no forecaster has; what it
+misses is out of reach of better features, and it shrinks only with more training rows.
 Target (issue 16): gain captured >= 0.90 by the default pipeline's best candidate on the default data (seed 0), printed
 as met / not met. The exit code is 0 either way: the numbers are the result (see the README, Models and the noise floor).
 
 Usage: .venv/bin/python bench/bench_models.py [--seeds 0,1,2] [--variants blend,lightgbm,...]
 """
-import argparse, sys, time
+import argparse, sys, time, warnings
 
 import numpy as np
 import pandas as pd
 
 from cd4ml.features import FEATURES, forecast_origins, training_frame
 from cd4ml.metrics import gain_captured, noise_floors, nwrmsle
-from cd4ml.models import fit, make_model, predict
+from sklearn.compose import TransformedTargetRegressor
+
+from cd4ml.candidates import CANDIDATES
+from cd4ml.models import Blend, _ridge, fit, make_model, predict
 from cd4ml.simulate import simulate
 
 WORLD = dict(stores=10, items=50, days=730, start="2015-01-01")   # the default pipeline's data (pipeline.yaml)
@@ -43,15 +49,56 @@ def frames(data: dict, n_train: int = N_TRAIN) -> tuple[pd.DataFrame, pd.DataFra
 
 def candidate(name: str, params: dict | None = None, n_train: int = N_TRAIN):
     "A variant: the candidate `name` with `params`, trained on `n_train` origins (`train_of(n_train)`)."
-    return lambda train_of, valid: predict(fit(make_model(name, params), train_of(n_train)), valid)
+    return lambda train_of, valid, data: predict(fit(make_model(name, params), train_of(n_train)), valid)
 
 
-def with_truth(train_of, valid):
-    "The ceiling: LightGBM with log1p of each row's true expected demand as one more feature."
-    cols, train = [*FEATURES, "truth"], train_of(N_TRAIN)
-    add = lambda f: f.assign(truth=np.log1p(f.expected.clip(lower=0)))
-    model = make_model("lightgbm").fit(add(train)[cols], train.unit_sales.clip(lower=0), sample_weight=train.weight)
-    return np.clip(model.predict(add(valid)[cols]), 0, None)
+LONG = ["level_364d", "log_mean_364d", "item_zero_share_364d", "item_log_shrink_364d"]
+
+def long_history(data: dict, frame: pd.DataFrame) -> pd.DataFrame:
+    "`frame` with the `LONG` features, over the 364 days up to each row's origin (NaN before a series' first sale, 0 when none)."
+    sales = data["sales"].assign(date=lambda d: pd.to_datetime(d.date), units=lambda d: d.unit_sales.clip(lower=0))
+    dates = pd.date_range(sales.date.min(), sales.date.max())
+    grid = sales.pivot_table(index=["store_nbr", "item_nbr"], columns="date", values="units", aggfunc="sum").reindex(columns=dates)
+    store_open = sales.groupby(["store_nbr", "date"]).size().unstack().reindex(index=grid.index.get_level_values(0), columns=dates).notna()
+    started = dates.to_numpy()[None, :] >= sales.groupby(["store_nbr", "item_nbr"]).date.min().reindex(grid.index).to_numpy()[:, None]
+    units = np.where(store_open.to_numpy() & started, np.nan_to_num(grid.to_numpy()), np.nan)
+    def at(origin):
+        end = dates.get_loc(origin) + 1
+        window = units[:, max(0, end - 364):end]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)            # a series with no open day in the window: NaN
+            out = pd.DataFrame({"level_364d": np.log1p(np.nanmean(window, axis=1)), "log_mean_364d": np.nanmean(np.log1p(window), axis=1),
+                                "zero": np.nanmean(np.where(np.isnan(window), np.nan, window == 0), axis=1)}, index=grid.index)
+        out["shrink"] = out.log_mean_364d - out.level_364d
+        pooled = out.groupby(level="item_nbr")[["zero", "shrink"]].transform("mean")
+        out["item_zero_share_364d"], out["item_log_shrink_364d"] = pooled.zero, pooled.shrink
+        return out[LONG].reset_index().assign(origin=origin)
+    extra = pd.concat([at(o) for o in frame.origin.unique()])
+    return frame.merge(extra, on=["origin", "store_nbr", "item_nbr"], how="left").fillna({c: 0.0 for c in LONG})
+
+
+def with_columns(name: str, n_train: int, add) -> callable:
+    "A variant: the candidate `name` fitted on FEATURES plus the columns `add(data, frame)` puts on a frame."
+    def run(train_of, valid, data):
+        plain = train_of(n_train)
+        train, valid = add(data, plain), add(data, valid)
+        cols = [*FEATURES, *train.columns.difference(plain.columns)]
+        model = learner(name, cols).fit(train[cols], train.unit_sales.clip(lower=0), sample_weight=train.weight)
+        return np.clip(model.predict(valid[cols]), 0, None)
+    return run
+
+
+def learner(name: str, cols: list) -> TransformedTargetRegressor:
+    "The candidate `name` with its catalog parameters; a blend's ridge member reads `cols` (a tree reads whatever it is given)."
+    if name != "blend": return make_model(name)
+    weights = {m: w for m, w in CANDIDATES["blend"].items() if w > 0}
+    members = [(m, _ridge(CANDIDATES["ridge"]["alpha"], cols) if m == "ridge" else make_model(m).regressor) for m in weights]
+    return TransformedTargetRegressor(Blend(members, list(weights.values())), func=np.log1p, inverse_func=np.expm1, check_inverse=False)
+
+
+def truth(data: dict, frame: pd.DataFrame) -> pd.DataFrame:
+    "`frame` with log1p of each row's true expected demand as the column `truth`."
+    return frame.assign(truth=np.log1p(frame.expected.clip(lower=0)))
 
 
 VARIANTS = {
@@ -66,7 +113,13 @@ VARIANTS = {
     "lightgbm 7 leaves x800": candidate("lightgbm", {"num_leaves": 7, "n_estimators": 800}),
     "lightgbm 20 origins": candidate("lightgbm", n_train=20),
     "blend 20 origins": candidate("blend", n_train=20),
-    "ceiling: lightgbm + truth": with_truth,
+    "lightgbm + long history": with_columns("lightgbm", N_TRAIN, long_history),
+    "blend + long history": with_columns("blend", N_TRAIN, long_history),
+    "blend + long history 20 origins": with_columns("blend", 20, long_history),
+    "blend + long history 40 origins": with_columns("blend", 40, long_history),
+    "ceiling: lightgbm + truth": with_columns("lightgbm", N_TRAIN, truth),
+    "ceiling: + truth 20 origins": with_columns("lightgbm", 20, truth),
+    "ceiling: + truth 40 origins": with_columns("lightgbm", 40, truth),
 }
 
 
@@ -80,12 +133,12 @@ def measure(seed: int, variants: list) -> dict:
         return trains[n]
     floors = noise_floors(valid, {**WORLD, "seed": seed})
     error = lambda p: nwrmsle(valid.unit_sales, p, valid.weight)
-    ma = error(VARIANTS["moving_average"](train_of, valid))
+    ma = error(VARIANTS["moving_average"](train_of, valid, data))
     gain = lambda e: gain_captured(ma, e, floors["bayes_nwrmsle"])
     out = {"Bayes floor": (floors["bayes_nwrmsle"], 1.0, None), "oracle (the mean)": (floors["oracle_nwrmsle"], gain(floors["oracle_nwrmsle"]), None)}
     for name in variants:
         t = time.process_time()
-        e = error(VARIANTS[name](train_of, valid))
+        e = error(VARIANTS[name](train_of, valid, data))
         out[name] = (e, gain(e), time.process_time() - t)
     return out
 

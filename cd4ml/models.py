@@ -66,8 +66,10 @@ from .candidates import BASELINES, CANDIDATES   # the catalog: names and default
 CATEGORICAL = ["dow", "family_code", "store_type_code"]   # one-hot encoded for linear models
 LEVELS = ("absolute", "relative")   # what a learned model sees: log1p(sales) as is, or relative to the recent level
 
-def _ridge(alpha):
-    numeric = [f for f in FEATURES if f not in CATEGORICAL]
+def _ridge(alpha,
+           features: list = FEATURES, # the columns it reads: one-hot CATEGORICAL, the others standardized
+          ):
+    numeric = [f for f in features if f not in CATEGORICAL]
     prep = ColumnTransformer([("onehot", OneHotEncoder(handle_unknown="ignore"), CATEGORICAL),
                               ("scale", StandardScaler(), numeric)])
     return Pipeline([("prep", prep), ("model", Ridge(alpha=alpha))])
