@@ -1,6 +1,6 @@
 """End to end: an item imported after training (`cd4ml data import --items`) through `cd4ml serve`: in its catalog,
-answered from its hierarchy with `cold_start: true` (and the web page says so, with no band), the same numbers as `cd4ml.predict`, its actuals taken and grown
-into the dataset a retrain trains on."""
+answered from its hierarchy with `cold_start: true` (the web page says so and draws no band), the same numbers as
+`cd4ml.predict`, its actuals taken and grown into the dataset a retrain trains on."""
 import os
 from pathlib import Path
 
