@@ -91,6 +91,10 @@ def test_a_new_item_is_forecast_from_its_hierarchy(served, api_token):
     again = httpx.post(f"{base}/predict", json={"rows": [{**rows[0], "item_nbr": 131}, rows[0]]}, timeout=60).json()
     assert again["cold_start"] == [True, True] and again["predictions"][1] == pytest.approx(got[0], abs=1e-9)
 
+    from cd4ml.monitor import workspace_report           # what `cd4ml monitor` reports: the new item scored apart
+    split = workspace_report()["live_cold_start"]
+    assert (split["known"]["n"], split["new"]["n"]) == (0, 1) and split["new"]["mae"] == pytest.approx(abs(6.0 - got[0]), abs=1e-9)
+
     from cd4ml.cli_monitor import feedback_dataset      # what `cd4ml monitor --retrain` trains on
     from cd4ml.datasets import load_dataset
     grown = load_dataset(feedback_dataset({"dataset_version": served["dataset"].version, "feedback_rows": 1}))
