@@ -114,7 +114,8 @@ def _weights(joined: pd.DataFrame, items: pd.DataFrame | None) -> np.ndarray:
 def _scores(g: pd.DataFrame, weight: np.ndarray) -> dict:
     "`nwrmsle`, `mae` and `n` of joined rows `g` (None when there are none)."
     if g.empty: return {"nwrmsle": None, "mae": None, "n": 0}
-    return {"nwrmsle": nwrmsle(g.unit_sales, g.prediction, weight), "mae": mae(g.unit_sales, g.prediction), "n": int(len(g))}
+    return {"nwrmsle": nwrmsle(g.unit_sales, g.prediction, weight), "mae": mae(g.unit_sales, g.prediction),
+            "n": int(len(g))}
 
 def live_metrics(joined: pd.DataFrame, items: pd.DataFrame | None = None) -> dict:
     "Per model version: `nwrmsle`, `mae`, `n` (rows with an actual) and `roles` (answer and/or shadow)."
