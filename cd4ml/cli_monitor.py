@@ -58,6 +58,9 @@ def log_report(report: dict, folder: Path) -> str:
         for version, m in report["live"].items():
             metrics |= {f"live_nwrmsle_v{version}": m["nwrmsle"], f"live_mae_v{version}": m["mae"],
                         f"live_rows_v{version}": m["n"]}
+        for start, m in report["live_cold_start"].items():       # the answers on known store-items and on new ones
+            metrics[f"live_rows_{start}"] = m["n"]
+            if m["n"]: metrics |= {f"live_nwrmsle_{start}": m["nwrmsle"], f"live_mae_{start}": m["mae"]}
         metrics |= {f"psi_{feature}": d["psi"] for feature, d in report["drift"].items() if d["psi"] is not None}
         if report["traffic"]["latency_p95_ms"] is not None:
             metrics["latency_p95_ms"] = report["traffic"]["latency_p95_ms"]
@@ -150,6 +153,9 @@ def monitor(since: Optional[str] = typer.Option(
               records_table([{"version": v, **{k: m[k] for k in ("nwrmsle", "mae", "n")}}
                              for v, m in report["live"].items()],
                             ["version", "nwrmsle", "mae", "n"], title="live accuracy"),
+              records_table([{"store-items": k, **m} for k, m in report["live_cold_start"].items()],
+                            ["store-items", "nwrmsle", "mae", "n"],
+                            title="live accuracy of the answers: known store-items, new ones (cold starts)"),
               records_table(top_drift(report["drift"]), ["feature", "psi", "ks_p", "drifted"],
                             title=f"drift: the {min(DRIFT_ROWS_SHOWN, len(report['drift']))} highest PSI of "
                                   f"{len(report['drift'])} (all in --json)"),

@@ -18,9 +18,10 @@ from .registry import MODEL_NAME
 
 # %% auto #0
 __all__ = ['MONITORING_DEFAULTS', 'SERVED_COLUMNS', 'FEATURE_GROUPS', 'CATEGORICAL', 'monitoring_block', 'monitoring_config',
-           'served_frame', 'feedback_frame', 'join_feedback', 'live_metrics', 'watched_features', 'reference_features',
-           'served_features', 'feature_drift', 'traffic', 'alerts', 'needs_retrain', 'build_report', 'champion_facts',
-           'workspace_report', 'new_sales', 'unflagged_feedback', 'append_feedback', 'daily_accuracy']
+           'served_frame', 'feedback_frame', 'join_feedback', 'live_metrics', 'live_by_cold_start', 'watched_features',
+           'reference_features', 'served_features', 'feature_drift', 'traffic', 'alerts', 'needs_retrain',
+           'build_report', 'champion_facts', 'workspace_report', 'new_sales', 'unflagged_feedback', 'append_feedback',
+           'daily_accuracy']
 
 # %% ../nbs/50_monitor.ipynb #2b2a4949
 MONITORING_DEFAULTS = {
@@ -55,14 +56,15 @@ def monitoring_config(spec: dict | str | Path | None = "pipeline.yaml") -> dict:
 
 # %% ../nbs/50_monitor.ipynb #9069367a
 SERVED_COLUMNS = ["request_id", "time", "date", "store_nbr", "item_nbr", "onpromotion", "model_version", "role",
-                  "prediction", "latency_ms"]
+                  "prediction", "latency_ms", "cold_start"]
 
 def served_frame(records: list[dict], since: str | pd.Timestamp | None = None) -> pd.DataFrame:
     "Logged predictions, one row per request row and version (`role` answer or shadow); those before `since` dropped."
     parts = []
     for r in records:
         rows = pd.DataFrame(r["rows"])
-        base = rows.assign(request_id=r["request_id"], time=r["time"], latency_ms=r.get("latency_ms"))
+        base = rows.assign(request_id=r["request_id"], time=r["time"], latency_ms=r.get("latency_ms"),
+                           cold_start=r.get("cold_start") or False)
         if r.get("shadow"):     # first: a version's answer to the same row wins (`join_feedback` keeps the last)
             parts.append(base.assign(model_version=str(r["shadow"]["model_version"]), role="shadow",
                                      prediction=r["shadow"]["predictions"]))
@@ -72,7 +74,8 @@ def served_frame(records: list[dict], since: str | pd.Timestamp | None = None) -
     out = pd.concat(parts, ignore_index=True)
     out = out[out.prediction.notna()]                  # rows a shadow challenger could not forecast (None)
     out["date"], out["time"] = pd.to_datetime(out.date).astype("datetime64[ns]"), pd.to_datetime(out.time, utc=True)
-    out = out.astype({"store_nbr": "int64", "item_nbr": "int64", "onpromotion": bool, "prediction": float})
+    out = out.astype({"store_nbr": "int64", "item_nbr": "int64", "onpromotion": bool, "prediction": float,
+                      "cold_start": bool})
     return _since(out[SERVED_COLUMNS], since)
 
 def feedback_frame(records: list[dict], since: str | pd.Timestamp | None = None) -> pd.DataFrame:
@@ -103,17 +106,29 @@ def join_feedback(served: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
     latest = served.drop_duplicates(keys + ["model_version"], keep="last")
     return latest.merge(actuals[keys + ["unit_sales"]].astype({"onpromotion": bool}), on=keys, how="inner")
 
+def _weights(joined: pd.DataFrame, items: pd.DataFrame | None) -> np.ndarray:
+    "Favorita's row weights (perishables 1.25) when the items are given, else ones."
+    if items is None: return np.ones(len(joined))
+    return np.asarray(perishable_weight(joined.item_nbr.map(items.set_index("item_nbr").perishable).fillna(0)))
+
+def _scores(g: pd.DataFrame, weight: np.ndarray) -> dict:
+    "`nwrmsle`, `mae` and `n` of joined rows `g` (None when there are none)."
+    if g.empty: return {"nwrmsle": None, "mae": None, "n": 0}
+    return {"nwrmsle": nwrmsle(g.unit_sales, g.prediction, weight), "mae": mae(g.unit_sales, g.prediction),
+            "n": int(len(g))}
+
 def live_metrics(joined: pd.DataFrame, items: pd.DataFrame | None = None) -> dict:
     "Per model version: `nwrmsle`, `mae`, `n` (rows with an actual) and `roles` (answer and/or shadow)."
     if joined.empty: return {}
-    weight = (perishable_weight(joined.item_nbr.map(items.set_index("item_nbr").perishable).fillna(0))
-              if items is not None else np.ones(len(joined)))
-    out = {}
-    for version, idx in joined.groupby("model_version").indices.items():
-        g = joined.iloc[idx]
-        out[str(version)] = {"nwrmsle": nwrmsle(g.unit_sales, g.prediction, weight[idx]),
-                             "mae": mae(g.unit_sales, g.prediction), "n": int(len(g)), "roles": sorted(set(g.role))}
-    return out
+    weight = _weights(joined, items)
+    return {str(version): {**_scores(joined.iloc[idx], weight[idx]), "roles": sorted(set(joined.role.iloc[idx]))}
+            for version, idx in joined.groupby("model_version").indices.items()}
+
+def live_by_cold_start(joined: pd.DataFrame, items: pd.DataFrame | None = None) -> dict:
+    "The answers' `nwrmsle`, `mae` and `n`, for `known` store-items and for `new` ones (cold starts)."
+    answers = joined[joined.role == "answer"]
+    cold, weight = answers.cold_start.to_numpy(bool), _weights(answers, items)
+    return {"known": _scores(answers[~cold], weight[~cold]), "new": _scores(answers[cold], weight[cold])}
 
 # %% ../nbs/50_monitor.ipynb #677b9d3f
 FEATURE_GROUPS = {                     # names `drift_features` may use for several features at once
@@ -243,7 +258,8 @@ def build_report(records: list[dict],            # prediction log records (`logs
     joined = join_feedback(served, fb)
     items = features.tables_of(data, ["items"])["items"]
     report = {"since": since, "champion": champion, "holdout_nwrmsle": holdout_nwrmsle, "horizon": horizon,
-              "live": live_metrics(joined, items), "drift": {}, "drift_rows": 0,
+              "live": live_metrics(joined, items), "live_cold_start": live_by_cold_start(joined, items),
+              "drift": {}, "drift_rows": 0,
               "traffic": traffic(_after(records, since), _after(rejections, since)), "feedback_rows": int(len(fb))}
     current = served_features(data, served, champion)
     if len(current):

@@ -236,3 +236,42 @@ def test_generate_partitioned_and_validate_part_by_part(workspace, tmp_path):
     assert r.exit_code == 2
     failed = {c["check"]: c["detail"] for c in json.loads(r.stdout)["checks"] if not c["passed"]}
     assert failed == {"sales: values": "sales/part-00001.parquet row 5, column 'unit_sales': 'inf' is not a finite number"}
+
+
+def tree(folder: Path) -> dict:
+    "Every file and folder under `folder` (hidden temp ones too): path → (size, mtime)."
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+ITEMS_HEAD = "item_nbr,family,class,perishable\n"
+BAD_ITEMS = [  # (file name, content (None: no such file), expected one-line message)
+    ("noclass.csv", "item_nbr,family,perishable\n13,EGGS,1\n",
+     "noclass.csv: column 'class' is missing; an items file has ['item_nbr', 'family', 'class', 'perishable']"),
+    ("twice.csv", ITEMS_HEAD + "13,EGGS,3,1\n14,EGGS,3,1\n13,EGGS,3,1\n",
+     "twice.csv line 4: item_nbr 13 is listed twice (lines 2 and 4)"),
+    ("clash.csv", ITEMS_HEAD + "13,EGGS,3,1\n11,DAIRY,11,0\n",
+     "clash.csv line 3: item_nbr 11 has family 'DAIRY', but the dataset has it with family 'GROCERY I'"),
+    ("flag.csv", ITEMS_HEAD + "13,EGGS,3,yes\n", "flag.csv line 2: perishable must be 0 or 1; got 'yes'"),
+    ("known.csv", ITEMS_HEAD + "10,GROCERY I,10,0\n", "known.csv: every item is already in dataset"),
+    ("empty.csv", "", "empty.csv: not a readable CSV"),
+    ("absent.csv", None, "absent.csv: no such file"),
+]
+
+
+def test_bad_items_files_fail_and_write_nothing(workspace, tmp_path):
+    "`cd4ml data import --items BAD.csv`: exit 2, one line naming the file, line, field and value; the datasets unchanged."
+    base = cd4ml_json("data", "import", favorita(tmp_path/"fav", days=7))["version"]
+    before = tree(workspace/"data")
+    for name, text, message in BAD_ITEMS:
+        path = tmp_path/name
+        if text is not None: path.write_text(text)
+        r = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["data", "import", "--items", str(path)])
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and message in lines[0], (name, r.exit_code, r.stderr)
+        assert tree(workspace/"data") == before, name                   # no new version, no temp folder left
+    assert [m["version"] for m in cd4ml_json("data", "list")] == [base]
+    (tmp_path/"good.csv").write_text(ITEMS_HEAD + "13,EGGS,3,1\n")
+    r = cd4ml("data", "import", "--items", tmp_path/"good.csv", "--dataset", "ds-nope")
+    assert r.exit_code == 2 and "ds-nope" in r.stderr and tree(workspace/"data") == before, r.stderr
+    added = cd4ml_json("data", "import", "--items", tmp_path/"good.csv")   # the same command on a good file: a version
+    assert (added["items_of"], added["items_added"], added["created"]) == (base, 1, True)

@@ -1,6 +1,6 @@
 """End to end: an item imported after training (`cd4ml data import --items`) through `cd4ml serve`: in its catalog,
-answered from its hierarchy with `cold_start: true`, the same numbers as `cd4ml.predict`, its actuals taken and grown
-into the dataset a retrain trains on."""
+answered from its hierarchy with `cold_start: true` (the web page says so and draws no band), the same numbers as
+`cd4ml.predict`, its actuals taken and grown into the dataset a retrain trains on."""
 import os
 from pathlib import Path
 
@@ -27,6 +27,29 @@ def test_items_import_makes_a_version(served):
     assert (imported["items_of"], imported["items_added"]) == (served["dataset"].version, 1)
     items = load_dataset(imported["version"]).table("items")
     assert items.item_nbr.tolist() == list(range(100, 131)) and items.iloc[-1].family == "DAIRY"
+
+def test_the_page_says_a_forecast_is_a_cold_start(served, web_page):
+    "The web page: the new item's forecast with a badge saying where it comes from and no band; a known item's without."
+    page, errors = web_page(served["base"])
+    page.wait_for_function("document.querySelectorAll('#items option').length == 31")
+    page.fill("#store", "2 — Guayaquil (type B)"); page.fill("#item", f"{LAUNCH} — DAIRY"); page.fill("#date", "2017-05-01")
+    page.click("#go")
+    page.wait_for_selector("#chart-box:not([hidden])")
+    row = {"date": "2017-05-01", "store_nbr": 2, "item_nbr": LAUNCH, "onpromotion": False}
+    body = httpx.post(f"{served['base']}/predict", json={"rows": [row]}, timeout=60).json()
+    assert body["cold_start"] == [True]
+    assert float(page.text_content("#units")) == pytest.approx(body["predictions"][0], abs=0.051)
+    assert page.is_visible("#cold")
+    assert "new item here: no sales yet, forecast from its class/family peers" in page.text_content("#cold")
+    assert page.query_selector("#chart polygon.band") is None and page.is_hidden("#band-legend")   # no interval: no band
+    assert page.text_content("#range") == "" and "NaN" not in page.inner_html("#chart")
+    assert page.eval_on_selector_all("#chart rect.forecast, #chart rect.target", "rs => rs.length") == 16
+    if os.environ.get("CD4ML_SCREENSHOTS"):                           # opt-in: look at the page as a person would
+        page.screenshot(path=str(Path(os.environ["CD4ML_SCREENSHOTS"])/"cold-start-page.png"), full_page=True)
+    page.fill("#item", "101 — DAIRY"); page.click("#go")                  # a known item: no badge, its band again
+    page.wait_for_selector("#chart polygon.band")
+    assert page.is_hidden("#cold") and "10–90 % interval" in page.text_content("#range")
+    assert page.is_hidden("#message") and not errors
 
 def test_a_new_item_is_forecast_from_its_hierarchy(served, api_token):
     from cd4ml import deployment
@@ -69,6 +92,11 @@ def test_a_new_item_is_forecast_from_its_hierarchy(served, api_token):
     assert httpx.post(f"{base}/admin/reload", headers=api_token.headers, timeout=120).status_code == 200
     again = httpx.post(f"{base}/predict", json={"rows": [{**rows[0], "item_nbr": 131}, rows[0]]}, timeout=60).json()
     assert again["cold_start"] == [True, True] and again["predictions"][1] == pytest.approx(got[0], abs=1e-9)
+
+    from cd4ml.monitor import workspace_report           # what `cd4ml monitor` reports: the new item scored apart
+    split = workspace_report()["live_cold_start"]
+    assert (split["known"]["n"], split["new"]["n"]) == (0, 1)                   # the one actual posted: item 130's
+    assert split["new"]["mae"] == pytest.approx(abs(6.0 - got[0]), abs=1e-9)
 
     from cd4ml.cli_monitor import feedback_dataset      # what `cd4ml monitor --retrain` trains on
     from cd4ml.datasets import load_dataset

@@ -111,6 +111,10 @@ def test_no_drift_then_drift(served, later, cli, api_token):
     client = mlflow.MlflowClient(tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name("cd4ml-monitoring").experiment_id])
     assert len(runs) == 1 and abs(runs[0].data.metrics["live_nwrmsle_v1"] - live) < 1e-9
+    split = report["live_cold_start"]                     # every series had sold: the champion's answers, all known
+    assert (split["known"]["n"], split["new"]) == (1920, {"nwrmsle": None, "mae": None, "n": 0})
+    assert split["known"]["nwrmsle"] == pytest.approx(live, abs=1e-12)
+    assert (runs[0].data.metrics["live_rows_known"], runs[0].data.metrics["live_rows_new"]) == (1920, 0)
 
     shifted = future(ds, later, level=2.5)                 # demand jumps: the later post of each store-item-day wins
     post_feedback(base, shifted, api_token.headers)

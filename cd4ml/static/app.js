@@ -51,7 +51,7 @@ function choice() {                 // the form's values, or an error message na
 }
 
 async function forecast() {
-  say(""); $("answer").hidden = true; $("chart-box").hidden = true;
+  say(""); $("answer").hidden = true; $("chart-box").hidden = true; $("cold").hidden = true;
   const c = choice();
   if (c.error) { say(c.error); return; }
   const row = { date: c.date, store_nbr: c.store, item_nbr: c.item, onpromotion: c.promo };
@@ -59,13 +59,18 @@ async function forecast() {
     const res = await getJSON("predict", { method: "POST", headers: { "Content-Type": "application/json" },
                                            body: JSON.stringify({ rows: [row] }) });
     $("units").textContent = res.predictions[0].toFixed(1);
+    $("cold").hidden = !res.cold_start[0];   // never sold here: forecast from its hierarchy, no interval (null quantiles)
     $("what").textContent = `store ${c.store}, item ${c.item} on ${c.date}${c.promo ? " (on promotion)" : ""} · model ${res.model_version}`;
     $("answer").hidden = false;
     const hist = await getJSON(`history?store_nbr=${c.store}&item_nbr=${c.item}&onpromotion=${c.promo}`);
     const day = hist.forecast.find((f) => f.date === c.date);
-    $("range").textContent = hist.interval && day ? ` (${label(hist.interval)} interval ${day.low.toFixed(1)} – ${day.high.toFixed(1)})` : "";
+    $("range").textContent = hist.interval && day && banded(day) ? ` (${label(hist.interval)} interval ${day.low.toFixed(1)} – ${day.high.toFixed(1)})` : "";
     draw(hist, c.date);
   } catch (e) { say(e.message); }
+}
+
+function banded(f) {                // a forecast day with both ends of its interval (a cold start has none: null)
+  return Number.isFinite(f.low) && Number.isFinite(f.high);
 }
 
 function label(interval) {          // [0.1, 0.9] → "10–90 %"
@@ -76,7 +81,7 @@ function draw(hist, target) {       // bars: actual (blue), forecast (red), the 
   const svg = $("chart"), W = 720, H = 260, left = 36, bottom = 24, top = 10;
   const points = hist.actual.map((a) => ({ date: a.date, v: a.unit_sales, kind: "actual" }))
     .concat(hist.forecast.map((f) => ({ date: f.date, v: f.prediction, kind: f.date === target ? "target" : "forecast" })));
-  const band = hist.interval ? hist.forecast : [];
+  const band = hist.interval && hist.forecast.every(banded) ? hist.forecast : [];   // all days or none: no gaps, no NaN
   const max = Math.max(1, ...points.map((p) => p.v), ...band.map((f) => f.high));
   const bw = (W - left) / points.length;
   const y = (v) => H - bottom - (v / max) * (H - bottom - top);
