@@ -33,6 +33,11 @@ def _import_result(ds, report: dict, **more) -> dict:
 # %% ../nbs/18_cli_data.ipynb #71b0788c
 ENGINES = ("pandas", "dask")
 
+def _check_engine(engine: str, part_rows: int | None):
+    "A one-line error for an unknown --engine, or --part-rows without the dask engine."
+    if engine not in ENGINES: raise Cd4mlError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "pandas" and part_rows: raise Cd4mlError("--part-rows sizes the dask engine's parts; add --engine dask")
+
 @data_app.command("generate")
 @cli_errors
 def generate_cmd(preset: str = typer.Option("small", help="A named size: small, medium (~20 M rows) or favorita (~125 M rows, "
@@ -61,9 +66,8 @@ def generate_cmd(preset: str = typer.Option("small", help="A named size: small, 
     params = preset_params(preset, stores=stores, items=items, days=days, start=start, seed=seed, new_items=new_items,
                            out_of_stock=out_of_stock, drift=drift, engine=engine)
     engine = params.pop("engine")
-    if engine not in ENGINES: raise Cd4mlError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    _check_engine(engine, part_rows)
     if engine == "dask" and out: raise Cd4mlError("--out is the folder of the pandas engine's CSVs; --engine dask writes Parquet parts into the dataset")
-    if engine == "pandas" and part_rows: raise Cd4mlError("--part-rows sizes the dask engine's parts; add --engine dask")
     source = "simulator " + " ".join(f"{k}={v}" for k, v in params.items())
     bar = progress(quiet=as_json)
     with bar:
@@ -116,6 +120,10 @@ def import_cmd(path: Path | None = typer.Argument(None, help="A Favorita folder 
                items: Path | None = typer.Option(None, help="Instead of PATH: an items CSV (item_nbr, family, class, "
                                                             "perishable) whose new items are added to --dataset, as a new version."),
                dataset: str = typer.Option("latest", help="--items: the version to add them to (a version, a prefix, or latest)."),
+               engine: str = typer.Option("pandas", help="pandas: the files read whole; dask: a Favorita folder's train.csv "
+                                                         "(sorted by date, store_nbr, item_nbr, as Kaggle's is) streamed into "
+                                                         "Parquet parts of whole stores, for files too big for memory."),
+               part_rows: int | None = typer.Option(None, help="dask: about this many sales rows per part (default 2,000,000)."),
                as_json: bool = JSON_OPT):
     """Import sales data as a dataset version (the same content always gives the same version).
 
@@ -123,6 +131,8 @@ def import_cmd(path: Path | None = typer.Argument(None, help="A Favorita folder 
     With --items, new items are added to a version (the service forecasts them from their class and family)."""
     from cd4ml.imports import import_items, import_path
     if (path is None) == (items is None): raise Cd4mlError("give a PATH to import, or --items FILE (not both)")
+    _check_engine(engine, part_rows)
+    if items is not None and engine == "dask": raise Cd4mlError("--items adds items with the pandas engine; drop --engine dask")
     if items is not None:
         ds, report = import_items(items, dataset)
         result = _import_result(ds, report)
@@ -130,12 +140,16 @@ def import_cmd(path: Path | None = typer.Argument(None, help="A Favorita folder 
                                                    title="items added"))
     bar, on_progress = _importing(as_json)
     with bar:
-        ds, report = import_path(path, date_col=date_col, store_col=store_col, item_col=item_col, sales_col=sales_col,
-                                 promo_col=promo_col, freq=freq, on_bad_rows=on_bad_rows,
-                                 delimiter=delimiter.replace("\\t", "\t"), on_progress=on_progress)
-    result = _import_result(ds, report)
-    emit(result, as_json, records_table([result], ["version", "rows", "bad_rows", "stores", "items", "start", "end",
-                                                   "freq", "created", "quarantine"], title="imported"))
+        options = dict(date_col=date_col, store_col=store_col, item_col=item_col, sales_col=sales_col, promo_col=promo_col,
+                       freq=freq, on_bad_rows=on_bad_rows, delimiter=delimiter.replace("\\t", "\t"), on_progress=on_progress)
+        if engine == "dask":
+            from cd4ml.import_parts import import_parts_path
+            ds, report = import_parts_path(path, part_rows=part_rows, **options)
+        else: ds, report = import_path(path, **options)
+    result = _import_result(ds, {"engine": engine, **report})
+    emit(result, as_json, records_table([result], ["version", "rows", "bad_rows", "stores", "items", "start", "end", "freq",
+                                                   "engine", *(["parts"] if engine == "dask" else []), "created", "quarantine"],
+                                        title="imported"))
 
 # %% ../nbs/18_cli_data.ipynb #72bc1172
 @data_app.command("list")
