@@ -128,7 +128,8 @@ def import_cmd(path: Path | None = typer.Argument(None, help="A Favorita folder 
     """Import sales data as a dataset version (the same content always gives the same version).
 
     Rows of a CSV with the same date, store and item are summed; rows with zero sales are dropped.
-    With --items, new items are added to a version (the service forecasts them from their class and family)."""
+    With --engine dask, a Favorita folder's train.csv (sorted by date, store_nbr, item_nbr, as Kaggle's is) is streamed
+    into Parquet parts, so Kaggle's full-size file fits in memory. With --items, new items are added to a version (the service forecasts them from their class and family)."""
     from cd4ml.imports import import_items, import_path
     if (path is None) == (items is None): raise Cd4mlError("give a PATH to import, or --items FILE (not both)")
     _check_engine(engine, part_rows)
