@@ -15,8 +15,9 @@ import pandas as pd
 from .core import Cd4mlError, atomic_dir, hash_bytes, hash_frame, workspace, write_json
 
 # %% auto #0
-__all__ = ['SALES', 'TABLES', 'REQUIRED', 'SIDE_TABLES', 'normalize', 'data_root', 'dataset_version', 'version_of_hashes',
-           'describe', 'Dataset', 'save_dataset', 'list_datasets', 'resolve_version', 'load_dataset', 'with_new_items']
+__all__ = ['SALES', 'TABLES', 'REQUIRED', 'SIDE_TABLES', 'normalize', 'first_out_of_order', 'data_root', 'dataset_version',
+           'version_of_hashes', 'describe', 'Dataset', 'save_dataset', 'list_datasets', 'resolve_version',
+           'load_dataset', 'with_new_items']
 
 # %% ../nbs/03_datasets.ipynb #5955252e
 SALES = "sales"   # the main table: units sold per date, store and item (Kaggle's `train`)
@@ -46,17 +47,18 @@ def normalize(name: str, df: pd.DataFrame) -> pd.DataFrame:
         if dt.startswith("datetime"): out[col] = pd.to_datetime(out[col]).dt.normalize().astype(dt)
         elif dt == "str": out[col] = out[col].astype("string").fillna("").astype(str)
         else: out[col] = out[col].astype(dt)
-    if _in_order(out, keys): return out.reset_index(drop=True)    # streamed chunks mostly are: checking is O(n)
+    if first_out_of_order(out, keys) < 0: return out.reset_index(drop=True)    # streamed chunks mostly are: checking is O(n)
     return out.sort_values(keys, kind="stable").reset_index(drop=True)
 
-def _in_order(df: pd.DataFrame, keys: list[str]) -> bool:
-    "Whether the rows are already sorted by `keys` (lexicographically, ties allowed)."
+def first_out_of_order(df: pd.DataFrame, keys: list[str]) -> int:
+    "Position of the first row that sorts before the row above it by `keys` (ties allowed); -1 if the rows are in order."
     after, tied = np.zeros(max(len(df) - 1, 0), bool), np.ones(max(len(df) - 1, 0), bool)
     for k in keys:
         a = df[k].to_numpy()
         after |= tied & (a[1:] > a[:-1])
         tied &= a[1:] == a[:-1]
-    return bool((after | tied).all())
+    ok = after | tied
+    return -1 if ok.all() else int(np.argmin(ok)) + 1
 
 # %% ../nbs/03_datasets.ipynb #9ac53486
 def data_root() -> Path: return workspace("data")

@@ -16,24 +16,37 @@ from .validate import (CHUNK_ROWS, check_mode, content_issues, content_schema, d
                             read_checked, unknown_keys)
 
 # %% auto #0
-__all__ = ['FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MIN_DATES', 'MAPPING', 'ITEM_COLUMNS', 'import_favorita', 'read_truth',
-           'KeyCoder', 'infer_freq', 'import_sales_csv', 'import_path', 'new_items', 'import_items']
+__all__ = ['FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MIN_DATES', 'MAPPING', 'ITEM_COLUMNS', 'no_sales_left', 'import_report',
+           'favorita_folder', 'no_rows', 'read_favorita', 'sales_checks', 'run_checks', 'import_favorita',
+           'truth_columns', 'truth_values', 'read_truth', 'KeyCoder', 'infer_freq', 'import_sales_csv', 'csv_options',
+           'import_path', 'new_items', 'import_items']
 
 # %% ../nbs/05_imports.ipynb #0aec8d1c
-def _save(tables: dict, issues: pd.DataFrame, source: str, freq: str, extra: dict | None) -> tuple[Dataset, dict]:
-    sales = tables[SALES]
-    tables[SALES] = sales[sales.unit_sales != 0].reset_index(drop=True)
-    if not len(tables[SALES]): raise Cd4mlError(f"{source}: no rows with non-zero sales left to import")
-    before = {m["version"] for m in list_datasets()}
-    ds = save_dataset(tables, source=source, freq=freq, extra=extra)
+def no_sales_left(source: str) -> Cd4mlError:
+    "The error of an import whose rows all had zero sales (or were left out)."
+    return Cd4mlError(f"{source}: no rows with non-zero sales left to import")
+
+def import_report(ds: Dataset,          # the imported version
+                  issues: pd.DataFrame, # every issue found; the rows they name were left out
+                  created: bool,        # whether the import stored a new version
+                  freq: str,            # 'D' or 'W'
+                 ) -> dict:
+    "The import report of `ds`; the skipped rows, with their reasons, go to `CD4ML_HOME/quarantine/<version>.csv`."
     quarantine = None
     if len(issues):
         issues = issues.sort_values(["file", "line"], kind="stable")
         per_row = issues.groupby(["file", "line"], sort=False).agg(lambda s: "; ".join(map(str, s))).reset_index()
         quarantine = atomic_write_text(workspace("quarantine")/f"{ds.version}.csv", per_row.to_csv(index=False))
-    report = {"version": ds.version, "rows": ds.meta["rows"], "bad_rows": int(issues[["file", "line"]].drop_duplicates().shape[0]),
-              "quarantine": str(quarantine) if quarantine else None, "created": ds.version not in before, "freq": freq}
-    return ds, report
+    return {"version": ds.version, "rows": ds.meta["rows"], "bad_rows": int(issues[["file", "line"]].drop_duplicates().shape[0]),
+            "quarantine": str(quarantine) if quarantine else None, "created": created, "freq": freq}
+
+def _save(tables: dict, issues: pd.DataFrame, source: str, freq: str, extra: dict | None) -> tuple[Dataset, dict]:
+    sales = tables[SALES]
+    tables[SALES] = sales[sales.unit_sales != 0].reset_index(drop=True)
+    if not len(tables[SALES]): raise no_sales_left(source)
+    before = {m["version"] for m in list_datasets()}
+    ds = save_dataset(tables, source=source, freq=freq, extra=extra)
+    return ds, import_report(ds, issues, ds.version not in before, freq)
 
 # %% ../nbs/05_imports.ipynb #f65751be
 FAVORITA_FILES = {  # file -> (table, {column: kind}, required, unique columns)
@@ -49,6 +62,54 @@ FAVORITA_FILES = {  # file -> (table, {column: kind}, required, unique columns)
 }
 SALES_KEYS = ["date", "store_nbr", "item_nbr"]
 
+def favorita_folder(path: Path | str) -> Path:
+    "`path` if it is a folder with the required Favorita files; else an error naming what is missing."
+    path = Path(path)
+    if not path.is_dir(): raise Cd4mlError(f"not a folder: {path} (a Favorita import needs a folder with train.csv, items.csv, stores.csv)")
+    missing = [f for f, (_, _, required, _) in FAVORITA_FILES.items() if required and not (path/f).exists()]
+    if missing: raise Cd4mlError(f"{path}: missing file(s) {missing}; a Favorita folder needs train.csv, items.csv and stores.csv")
+    return path
+
+def no_rows(file: str, read: int) -> Cd4mlError:
+    "The error of a required file without good rows, of which `read` were read."
+    return Cd4mlError(f"{file} has no valid data rows" if read else f"{file} has a header but no data rows")
+
+def read_favorita(path: Path,              # a `favorita_folder`
+                  files: list[str],        # which of `FAVORITA_FILES` to read (those absent and optional are left out)
+                  on_bad_rows: str = "fail",
+                  chunk_rows: int = CHUNK_ROWS,
+                  on_progress: Callable[[str, int], None] | None = None,
+                 ) -> tuple[dict, list]:
+    "The checked tables of `files` (indexed by line), and a list of frames of issues."
+    tables, issues = {}, []
+    for file in files:
+        table, columns, required, unique = FAVORITA_FILES[file]
+        if not (path/file).exists(): continue
+        goods, read = [], 0
+        for good, bad in read_checked(path/file, columns, on_bad_rows=on_bad_rows, unique=unique, chunk_rows=chunk_rows):
+            goods.append(good); issues.append(bad); read += len(good) + bad.line.nunique()
+            if on_progress: on_progress(file, read)
+        tables[table] = pd.concat(goods) if goods else pd.DataFrame(columns=list(columns))
+        if required and not len(tables[table]): raise no_rows(file, read)
+    return tables, issues
+
+def sales_checks(tables: dict,                    # the folder's tables: `stores` and `items` are read
+                 duplicates: Callable | None = None, # the repeated-key check (default: `duplicate_keys` over the frame)
+                ) -> list[Callable]:
+    "The checks of train.csv rows, in order: repeated keys, stores not in stores.csv, items not in items.csv."
+    return [duplicates or (lambda s: duplicate_keys(s, SALES_KEYS, "train.csv")),
+            lambda s: unknown_keys(s, "store_nbr", tables["stores"].store_nbr, "train.csv", "stores.csv"),
+            lambda s: unknown_keys(s, "item_nbr", tables["items"].item_nbr, "train.csv", "items.csv")]
+
+def run_checks(df: pd.DataFrame, checks: list[Callable], on_bad_rows: str) -> tuple[pd.DataFrame, list]:
+    "`df` through `checks` in turn, and their issues; in fail mode the first issue of a check raises."
+    issues = []
+    for check in checks:
+        df, bad = check(df)
+        if on_bad_rows == "fail": raise_first(bad)
+        issues.append(bad)
+    return df, issues
+
 def import_favorita(path: Path | str,             # folder with the Kaggle CSVs (and optionally truth.parquet)
                     on_bad_rows: str = "fail",    # 'fail' at the first bad value, or 'skip' and quarantine bad rows
                     source: str | None = None,    # where the data came from (default: the folder)
@@ -58,27 +119,10 @@ def import_favorita(path: Path | str,             # folder with the Kaggle CSVs 
                    ) -> tuple[Dataset, dict]:
     "Import a Kaggle-style Favorita folder as a dataset version."
     check_mode(on_bad_rows)
-    path = Path(path)
-    if not path.is_dir(): raise Cd4mlError(f"not a folder: {path} (a Favorita import needs a folder with train.csv, items.csv, stores.csv)")
-    missing = [f for f, (_, _, required, _) in FAVORITA_FILES.items() if required and not (path/f).exists()]
-    if missing: raise Cd4mlError(f"{path}: missing file(s) {missing}; a Favorita folder needs train.csv, items.csv and stores.csv")
-    tables, issues = {}, []
-    for file, (table, columns, required, unique) in FAVORITA_FILES.items():
-        if not (path/file).exists(): continue
-        goods, read = [], 0
-        for good, bad in read_checked(path/file, columns, on_bad_rows=on_bad_rows, unique=unique, chunk_rows=chunk_rows):
-            goods.append(good); issues.append(bad); read += len(good) + bad.line.nunique()
-            if on_progress: on_progress(file, read)
-        tables[table] = pd.concat(goods) if goods else pd.DataFrame(columns=list(columns))
-        if required and not len(tables[table]):
-            raise Cd4mlError(f"{file} has no valid data rows" if read else f"{file} has a header but no data rows")
-    checks = [lambda s: duplicate_keys(s, SALES_KEYS, "train.csv"),
-              lambda s: unknown_keys(s, "store_nbr", tables["stores"].store_nbr, "train.csv", "stores.csv"),
-              lambda s: unknown_keys(s, "item_nbr", tables["items"].item_nbr, "train.csv", "items.csv")]
-    for check in checks:
-        tables[SALES], bad = check(tables[SALES])
-        if on_bad_rows == "fail": raise_first(bad)
-        issues.append(bad)
+    path = favorita_folder(path)
+    tables, issues = read_favorita(path, list(FAVORITA_FILES), on_bad_rows, chunk_rows, on_progress)
+    tables[SALES], found = run_checks(tables[SALES], sales_checks(tables), on_bad_rows)
+    issues += found
     if (path/"truth.parquet").exists():
         tables["truth"], bad = read_truth(path/"truth.parquet")
         if on_bad_rows == "fail": raise_first(bad)
@@ -86,14 +130,23 @@ def import_favorita(path: Path | str,             # folder with the Kaggle CSVs 
     return _save(tables, pd.concat(issues, ignore_index=True), source or str(path.absolute()), "D", extra)
 
 # %% ../nbs/05_imports.ipynb #aed0fb12
+def truth_columns(columns: list[str], name: str):
+    "An error naming the truth columns missing from `columns` (those of file `name`)."
+    missing = [c for c in TABLES["truth"][0] if c not in columns]
+    if missing: raise Cd4mlError(f"{name}: missing column(s) {missing}; it has {list(columns)}")
+
+def truth_values(truth: pd.DataFrame, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The rows of `truth` (indexed by row number) with good values, and the issues of the others."
+    bad = content_issues(truth, content_schema({c: "checked" for c in TABLES["truth"][0]}), name)
+    return truth[~truth.index.isin(bad.line)], bad
+
 def read_truth(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     "The checked truth table of a simulator folder, and its issues (rows with bad values are left out)."
     truth = pd.read_parquet(path)
-    missing = [c for c in TABLES["truth"][0] if c not in truth]
-    if missing: raise Cd4mlError(f"{path.name}: missing column(s) {missing}; it has {list(truth.columns)}")
+    truth_columns(list(truth.columns), path.name)
     truth.index = truth.index + 1
-    bad = content_issues(truth, content_schema({c: "checked" for c in TABLES["truth"][0]}), path.name)
-    kept, dups = duplicate_keys(truth[~truth.index.isin(bad.line)], SALES_KEYS, path.name)
+    good, bad = truth_values(truth, path.name)
+    kept, dups = duplicate_keys(good, SALES_KEYS, path.name)
     return kept, pd.concat([bad, dups], ignore_index=True)
 
 # %% ../nbs/05_imports.ipynb #931f215b
@@ -187,12 +240,16 @@ def _sum_sales(sales: pd.DataFrame) -> pd.DataFrame:
 # %% ../nbs/05_imports.ipynb #021323cd
 MAPPING = ("date_col", "store_col", "item_col", "sales_col")
 
+def csv_options(given: dict) -> list[str]:
+    "The options in `given` (those not None) that apply to a single CSV file only."
+    return [k for k in (*MAPPING, "promo_col", "freq") if given.get(k) is not None] + (["delimiter"] if given.get("delimiter") not in (None, ",") else [])
+
 def import_path(path: Path | str, **kwargs) -> tuple[Dataset, dict]:
     "Import a Favorita folder, or a sales CSV file given its column mapping (see `import_sales_csv`)."
     path = Path(path)
     given = {k: v for k, v in kwargs.items() if v is not None}
     if path.is_dir():
-        mapped = [k for k in (*MAPPING, "promo_col", "freq") if k in given] + (["delimiter"] if given.get("delimiter", ",") != "," else [])
+        mapped = csv_options(given)
         if mapped: raise Cd4mlError(f"{path} is a Favorita folder; {mapped} apply to a single CSV file only")
         given.pop("delimiter", None)
         return import_favorita(path, **given)

@@ -177,6 +177,32 @@ def test_skip_quarantines_bad_rows(workspace, tmp_path):
     assert cd4ml("data", "import", fav, "--on-bad-rows", "ignore").exit_code == 2
 
 
+def test_import_dask_engine_streams_parts(workspace, tmp_path):
+    "`data import FOLDER --engine dask` streams train.csv into parts of whole stores: the pandas engine's version."
+    fav = favorita(tmp_path/"fav")                                      # 84 rows a store: one store a part
+    parts = cd4ml_json("data", "import", fav, "--engine", "dask", "--part-rows", 84)
+    assert (parts["engine"], parts["parts"], parts["created"], parts["bad_rows"], parts["rows"]) == ("dask", 2, True, 0, 168)
+    ds = load_dataset(parts["version"])
+    assert [p.name for p in ds.parts("sales")] == ["part-00000.parquet", "part-00001.parquet"]
+    assert not (ds.path/"sales.parquet").exists()
+    whole = cd4ml_json("data", "import", fav)                           # the same content: the same version
+    assert (whole["version"], whole["engine"], whole["created"]) == (parts["version"], "pandas", False)
+
+
+def test_import_dask_engine_errors(workspace, tmp_path):
+    "A single CSV, or a train.csv out of order: exit 2, one line naming the file, nothing written."
+    fav = favorita(tmp_path/"fav")
+    lines = (fav/"train.csv").read_text().splitlines(keepends=True)
+    write(fav/"train.csv", "".join(lines[:10] + [lines[11], lines[10]] + lines[12:]))
+    for path, message in ((fav/"train.csv", "train.csv is a single CSV file: --engine dask imports a Favorita folder"),
+                          (fav, "train.csv line 12: key (2017-01-02, 2, 10) comes after (2017-01-02, 2, 11) on line 11")):
+        r = cd4ml("data", "import", path, "--engine", "dask")
+        assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "sort the file by date, store_nbr, item_nbr, or import it with --engine pandas" in r.stderr
+    nothing_written(workspace)
+    assert list((workspace/"data").glob(".parts.tmp-*")) == []
+
+
 def test_validate_flags_shifted_data_only(workspace, tmp_path):
     base = cd4ml_json("data", "import", favorita(tmp_path/"base"))["version"]
     same = cd4ml_json("data", "import", favorita(tmp_path/"same"))["version"]

@@ -3,9 +3,11 @@ DASK_SCHEDULER_ADDRESS naming a `dask scheduler` on loopback that two `dask work
 own working directory, one with an empty CD4ML_HOME of its own and one with none. The parts and scratch files are
 under a shared location (CD4ML_SHARED_URL, a file:// URL) that is neither the driver's workspace nor a worker's.
 
-The run is the users' one, release step included (the Bento built, served, tested and promoted). Its candidates'
-metrics must equal a pandas-engine run's on the same data, the features must have been computed by those two
-workers (a LocalCluster would leave their logs empty), and the workers must not have touched a workspace.
+The run is the users' one, release step included (the Bento built, served, tested and promoted), on the users' data:
+a Kaggle-style Favorita folder streamed into parts by `cd4ml data import FOLDER --engine dask`. Its dataset version
+must be the one a pandas-engine run generates from the same simulation and its candidates' metrics that run's; the
+features must have been computed by those two workers (a LocalCluster would leave their logs empty), and the workers
+must not have touched a workspace.
 """
 import json, os, signal, subprocess, sys
 from pathlib import Path
@@ -91,7 +93,15 @@ def test_dask_engine_on_a_separate_cluster(cluster, tmp_path):
     shared = tmp_path/"shared"
     env = {**base_env, "CD4ML_HOME": str(tmp_path/"home"), "DASK_SCHEDULER_ADDRESS": cluster.address,
            "CD4ML_SHARED_URL": f"file://{shared}"}
-    result = run([str(ROOT/"pipeline.yaml"), "-p", "engine=dask"], env, tmp_path/"driver")
+    from cd4ml.simulate import generate
+    generate(tmp_path/"favorita", stores=3, items=10, days=200)           # TINY's simulation, as Kaggle-style files
+    imported = subprocess.run([str(BIN/"cd4ml"), "data", "import", str(tmp_path/"favorita"), "--engine", "dask",
+                               "--part-rows", "1000", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-4000:]
+    imported = json.loads(imported.stdout)
+    assert (imported["engine"], imported["parts"]) == ("dask", PARTS)
+    result = run([str(ROOT/"pipeline.yaml"), "-p", "engine=dask", "-p", f"dataset={imported['version']}"], env, tmp_path/"driver")
+    assert result["dataset"] == imported["version"]
 
     rel = result["release"]                                                # the users' run: released and promoted
     assert (rel["status"], rel["promoted"]) == ("passed", True), rel
