@@ -14,23 +14,13 @@ import pyarrow.parquet as pq
 
 from .core import Cd4mlError
 from .datasets import SALES, TABLES, Dataset, first_out_of_order, list_datasets, normalize
-from .imports import (FAVORITA_FILES, SALES_KEYS, csv_options, favorita_folder, import_report, no_rows, no_sales_left,
-                           read_favorita, run_checks, sales_checks, truth_columns, truth_values)
+from .imports import (FAVORITA_FILES, SALES_KEYS, csv_options, estimated_rows, favorita_folder, import_report, no_rows,
+                           no_sales_left, read_favorita, run_checks, sales_checks, truth_columns, truth_values)
 from .scale import PART_ROWS, _finish, _PartWriter, _tmp_dir, part_of, stores_per_part
 from .validate import CHUNK_ROWS, check_mode, duplicate_keys, raise_first, read_checked
 
 # %% auto #0
-__all__ = ['ORDER_HINT', 'estimated_rows', 'SortedKeys', 'import_favorita_parts', 'import_parts_path']
-
-# %% ../nbs/14_import_parts.ipynb #52aa1557
-def estimated_rows(path: Path,          # a CSV file with a header line
-                   sample: int = 1 << 16, # bytes read from its start
-                  ) -> int:
-    "About how many data lines `path` has: its size over the mean length of the whole lines in its first `sample` bytes."
-    with open(path, "rb") as f: head = f.read(sample)
-    whole = head[:head.rfind(b"\n") + 1]
-    lines = whole.count(b"\n")
-    return max(0, round(path.stat().st_size * lines / len(whole)) - 1) if lines else 0
+__all__ = ['ORDER_HINT', 'SortedKeys', 'import_favorita_parts', 'import_parts_path']
 
 # %% ../nbs/14_import_parts.ipynb #8c3aa8ab
 ORDER_HINT = "sort the file by date, store_nbr, item_nbr, or import it with --engine pandas"

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import psutil
 
 from .core import Cd4mlError, atomic_write_text, workspace
 from .datasets import SALES, TABLES, Dataset, list_datasets, save_dataset
@@ -16,10 +17,11 @@ from .validate import (CHUNK_ROWS, check_mode, content_issues, content_schema, d
                             read_checked, unknown_keys)
 
 # %% auto #0
-__all__ = ['FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MIN_DATES', 'MAPPING', 'ITEM_COLUMNS', 'no_sales_left', 'import_report',
-           'favorita_folder', 'no_rows', 'read_favorita', 'sales_checks', 'run_checks', 'import_favorita',
-           'truth_columns', 'truth_values', 'read_truth', 'KeyCoder', 'infer_freq', 'import_sales_csv', 'csv_options',
-           'import_path', 'new_items', 'import_items']
+__all__ = ['PANDAS_ROW_BYTES', 'FAVORITA_FILES', 'SALES_KEYS', 'FREQS', 'MIN_DATES', 'MAPPING', 'ITEM_COLUMNS', 'no_sales_left',
+           'import_report', 'estimated_rows', 'available_memory', 'check_fits', 'favorita_folder', 'no_rows',
+           'read_favorita', 'sales_checks', 'run_checks', 'import_favorita', 'truth_columns', 'truth_values',
+           'read_truth', 'KeyCoder', 'infer_freq', 'import_sales_csv', 'csv_options', 'import_path', 'new_items',
+           'import_items']
 
 # %% ../nbs/05_imports.ipynb #0aec8d1c
 def no_sales_left(source: str) -> Cd4mlError:
@@ -47,6 +49,40 @@ def _save(tables: dict, issues: pd.DataFrame, source: str, freq: str, extra: dic
     before = {m["version"] for m in list_datasets()}
     ds = save_dataset(tables, source=source, freq=freq, extra=extra)
     return ds, import_report(ds, issues, ds.version not in before, freq)
+
+# %% ../nbs/05_imports.ipynb #be47bbe1
+PANDAS_ROW_BYTES = 330   # peak bytes per sales row of a whole-table import (make bench-scale: 6.4 GB at 20.8 M rows)
+
+def estimated_rows(path: Path,            # a CSV file with a header line
+                   sample: int = 1 << 16, # bytes read from its start
+                  ) -> int:
+    "About how many data lines `path` has: its size over the mean length of the whole lines in its first `sample` bytes."
+    with open(path, "rb") as f: head = f.read(sample)
+    whole = head[:head.rfind(b"\n") + 1]
+    lines = whole.count(b"\n")
+    return max(0, round(path.stat().st_size * lines / len(whole)) - 1) if lines else 0
+
+def available_memory() -> int:
+    "Bytes of memory still free to this process: the machine's available memory, within its cgroup's limit if it has one."
+    free = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max": free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError): pass
+    return free
+
+def check_fits(path: Path,                # the CSV a whole-table import would read
+               advice: str,               # what to do instead, ending the error
+               available: int | None = None, # bytes free (default: `available_memory()`)
+              ):
+    "Refuse, before reading it, a whole-table import of `path` whose estimated peak passes the memory available."
+    if not path.is_file(): return                    # the reader names what is wrong with it
+    rows = estimated_rows(path)
+    need, free = rows * PANDAS_ROW_BYTES, available_memory() if available is None else available
+    if need > free:
+        raise Cd4mlError(f"{path}: about {rows / 1e6:,.1f} M rows; the pandas engine holds them all, about {need / 2**30:.1f} GB, "
+                         f"and {free / 2**30:.1f} GB of memory are available: {advice}")
+
 
 # %% ../nbs/05_imports.ipynb #f65751be
 FAVORITA_FILES = {  # file -> (table, {column: kind}, required, unique columns)
@@ -120,6 +156,7 @@ def import_favorita(path: Path | str,             # folder with the Kaggle CSVs 
     "Import a Kaggle-style Favorita folder as a dataset version."
     check_mode(on_bad_rows)
     path = favorita_folder(path)
+    check_fits(path/"train.csv", "import the folder with `cd4ml data import FOLDER --engine dask` (train.csv streamed into parts)")
     tables, issues = read_favorita(path, list(FAVORITA_FILES), on_bad_rows, chunk_rows, on_progress)
     tables[SALES], found = run_checks(tables[SALES], sales_checks(tables), on_bad_rows)
     issues += found
@@ -207,6 +244,8 @@ def import_sales_csv(path: Path | str,         # the sales CSV
     check_mode(on_bad_rows)
     if freq is not None and freq not in FREQS: raise Cd4mlError(f"freq must be D or W, not {freq!r}")
     path = Path(path)
+    check_fits(path, "use a machine with more memory, or write the data as a Favorita folder (train.csv sorted by date, "
+               "store_nbr, item_nbr; items.csv; stores.csv) and import it with `cd4ml data import FOLDER --engine dask`")
     roles = {date_col: "date", store_col: "store_nbr", item_col: "item_nbr", sales_col: "unit_sales"}
     if promo_col: roles[promo_col] = "onpromotion"
     if len(roles) < 4 + bool(promo_col): raise Cd4mlError(f"each mapped column must be different: {roles}")

@@ -164,6 +164,18 @@ def test_bad_files_fail_and_write_nothing(workspace, tmp_path):
     nothing_written(workspace)
 
 
+def test_a_train_csv_too_big_for_memory_is_refused_before_reading(workspace, tmp_path):
+    "Kaggle's real train.csv (125 M rows) needs ~40 GB whole: the pandas engine refuses it at once, naming the way that fits."
+    big = favorita(tmp_path/"big")
+    os.truncate(big/"train.csv", 64 * 2**30)    # 64 GB, sparse: the size a 1.7 G-row file would have; nothing read
+    r = cd4ml("data", "import", big)
+    assert r.exit_code == 2, r.stderr
+    message = " ".join(r.stderr.split())        # the console wraps long lines
+    assert "train.csv: about" in message and "M rows; the pandas engine holds them all" in message, message
+    assert "import the folder with `cd4ml data import FOLDER --engine dask`" in message, message
+    nothing_written(workspace)
+
+
 def test_skip_quarantines_bad_rows(workspace, tmp_path):
     bad = "".join(BAD_TRAIN[i][1].replace("900,", f"{900 + i},") for i in range(len(BAD_TRAIN)))
     fav = favorita(tmp_path/"fav", train_extra="\n" + bad)          # a blank line: line numbers still match the file
