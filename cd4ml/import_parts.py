@@ -55,14 +55,14 @@ def _sales(path: Path, small: dict, on_bad_rows: str, chunk_rows: int, on_progre
         yield normalize(SALES, chunk[chunk.unit_sales != 0])
     if not good: raise no_rows("train.csv", read)
 
-def _truth(path: Path, on_bad_rows: str, chunk_rows: int, on_progress, issues: list):
+def _truth(path: Path, stores: pd.Series, on_bad_rows: str, chunk_rows: int, on_progress, issues: list):
     "truth.parquet's checked rows, normalized, batch by batch."
     parquet = pq.ParquetFile(path)
     truth_columns(parquet.schema_arrow.names, path.name)
     order, done = SortedKeys(path.name, "row"), 0
     for batch in parquet.iter_batches(batch_size=chunk_rows, columns=list(TABLES["truth"][0])):
         truth = batch.to_pandas().set_axis(pd.RangeIndex(done + 1, done + 1 + batch.num_rows)); done += batch.num_rows
-        good, bad = truth_values(truth, path.name)
+        good, bad = truth_values(truth, path.name, stores)
         kept, dups = order(good)
         bad = pd.concat([bad, dups], ignore_index=True)
         if on_bad_rows == "fail": raise_first(bad)
@@ -92,7 +92,7 @@ def import_favorita_parts(path: Path | str,             # folder with the Kaggle
         try:
             streams = [(SALES, _sales(path, small, on_bad_rows, chunk_rows, on_progress, issues))]
             if (path/"truth.parquet").exists():
-                streams.append(("truth", _truth(path/"truth.parquet", on_bad_rows, chunk_rows, on_progress, issues)))
+                streams.append(("truth", _truth(path/"truth.parquet", small["stores"].store_nbr, on_bad_rows, chunk_rows, on_progress, issues)))
             for name, chunks in streams:
                 for chunk in chunks: writer.write(name, chunk, part_of(chunk.store_nbr.to_numpy(), stores, per_part))
         finally: writer.close()

@@ -161,7 +161,7 @@ def import_favorita(path: Path | str,             # folder with the Kaggle CSVs 
     tables[SALES], found = run_checks(tables[SALES], sales_checks(tables), on_bad_rows)
     issues += found
     if (path/"truth.parquet").exists():
-        tables["truth"], bad = read_truth(path/"truth.parquet")
+        tables["truth"], bad = read_truth(path/"truth.parquet", tables["stores"].store_nbr)
         if on_bad_rows == "fail": raise_first(bad)
         issues.append(bad)
     return _save(tables, pd.concat(issues, ignore_index=True), source or str(path.absolute()), "D", extra)
@@ -172,17 +172,23 @@ def truth_columns(columns: list[str], name: str):
     missing = [c for c in TABLES["truth"][0] if c not in columns]
     if missing: raise Cd4mlError(f"{name}: missing column(s) {missing}; it has {list(columns)}")
 
-def truth_values(truth: pd.DataFrame, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "The rows of `truth` (indexed by row number) with good values, and the issues of the others."
+def truth_values(truth: pd.DataFrame, # rows of a truth file, indexed by row number
+                 name: str,           # the file, named in issues
+                 stores: pd.Series,   # the store_nbr of stores.csv
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The rows of `truth` with good values and a known store, and the issues of the others."
     bad = content_issues(truth, content_schema({c: "checked" for c in TABLES["truth"][0]}), name)
-    return truth[~truth.index.isin(bad.line)], bad
+    good, unknown = unknown_keys(truth[~truth.index.isin(bad.line)], "store_nbr", stores, name, "stores.csv")
+    return good, pd.concat([bad, unknown], ignore_index=True)
 
-def read_truth(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_truth(path: Path,        # a truth.parquet
+               stores: pd.Series, # the store_nbr of the folder's stores.csv
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
     "The checked truth table of a simulator folder, and its issues (rows with bad values are left out)."
     truth = pd.read_parquet(path)
     truth_columns(list(truth.columns), path.name)
     truth.index = truth.index + 1
-    good, bad = truth_values(truth, path.name)
+    good, bad = truth_values(truth, path.name, stores)
     kept, dups = duplicate_keys(good, SALES_KEYS, path.name)
     return kept, pd.concat([bad, dups], ignore_index=True)
 
