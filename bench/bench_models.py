@@ -22,10 +22,8 @@ import pandas as pd
 
 from cd4ml.features import FEATURES, forecast_origins, training_frame
 from cd4ml.metrics import gain_captured, noise_floors, nwrmsle
-from sklearn.compose import TransformedTargetRegressor
-
 from cd4ml.candidates import CANDIDATES
-from cd4ml.models import Blend, _ridge, fit, make_model, predict
+from cd4ml.models import _ridge, fit, make_model, predict
 from cd4ml.simulate import simulate
 
 WORLD = dict(stores=10, items=50, days=730, start="2015-01-01")   # the default pipeline's data (pipeline.yaml)
@@ -88,12 +86,13 @@ def with_columns(name: str, n_train: int, add) -> callable:
     return run
 
 
-def learner(name: str, cols: list) -> TransformedTargetRegressor:
-    "The candidate `name` with its catalog parameters; a blend's ridge member reads `cols` (a tree reads whatever it is given)."
-    if name != "blend": return make_model(name)
-    weights = {m: w for m, w in CANDIDATES["blend"].items() if w > 0}
-    members = [(m, _ridge(CANDIDATES["ridge"]["alpha"], cols) if m == "ridge" else make_model(m).regressor) for m in weights]
-    return TransformedTargetRegressor(Blend(members, list(weights.values())), func=np.log1p, inverse_func=np.expm1, check_inverse=False)
+def learner(name: str, cols: list):
+    "The candidate `name` as `make_model` builds it; a blend's ridge member reads `cols` (a tree reads whatever it is given)."
+    model = make_model(name)
+    if name == "blend":
+        model.regressor.members = [(m, _ridge(CANDIDATES["ridge"]["alpha"], cols) if m == "ridge" else est)
+                                   for m, est in model.regressor.members]
+    return model
 
 
 def truth(data: dict, frame: pd.DataFrame) -> pd.DataFrame:

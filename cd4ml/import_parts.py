@@ -17,7 +17,7 @@ from .datasets import SALES, TABLES, Dataset, first_out_of_order, list_datasets,
 from .imports import (FAVORITA_FILES, SALES_KEYS, csv_options, estimated_rows, favorita_folder, import_report, no_rows,
                            no_sales_left, read_favorita, run_checks, sales_checks, truth_columns, truth_values)
 from .scale import PART_ROWS, _finish, _PartWriter, _tmp_dir, part_of, stores_per_part
-from .validate import CHUNK_ROWS, check_mode, duplicate_keys, raise_first, read_checked
+from .validate import CHUNK_ROWS, check_mode, duplicate_keys, read_checked
 
 # %% auto #0
 __all__ = ['ORDER_HINT', 'SortedKeys', 'import_favorita_parts', 'import_parts_path']
@@ -62,11 +62,8 @@ def _truth(path: Path, stores: pd.Series, on_bad_rows: str, chunk_rows: int, on_
     order, done = SortedKeys(path.name, "row"), 0
     for batch in parquet.iter_batches(batch_size=chunk_rows, columns=list(TABLES["truth"][0])):
         truth = batch.to_pandas().set_axis(pd.RangeIndex(done + 1, done + 1 + batch.num_rows)); done += batch.num_rows
-        good, bad = truth_values(truth, path.name, stores)
-        kept, dups = order(good)
-        bad = pd.concat([bad, dups], ignore_index=True)
-        if on_bad_rows == "fail": raise_first(bad)
-        issues.append(bad)
+        kept, found = run_checks(truth, [lambda t: truth_values(t, path.name, stores), order], on_bad_rows)
+        issues += found
         if on_progress: on_progress(path.name, done)
         yield normalize("truth", kept)
 
