@@ -95,3 +95,32 @@ def test_failing_perf_gate_keeps_the_champion(default_run, failed, monkeypatch):
         ("register", "1"), ("promote", "1"), ("register", "2"), ("release_failed", "2")]
     assert registry.champion_history() == ["1"]
     assert bento_servers(out["release"]["bento"]) == []
+
+
+def test_an_item_imported_after_make_pipeline_is_served_as_a_cold_start(default_run, cli, running_server, tmp_path):
+    """A user's path after `make pipeline`: `cd4ml data import --items` with an item the released champion never saw,
+    then `cd4ml serve`: the new item is answered from its class and family, flagged `cold_start`; a known one is not.
+    On a copy of the default run's workspace, which the other tests find as the run left it."""
+    import shutil
+    import httpx
+    import pandas as pd
+    home = tmp_path/"cd4ml-home"
+    shutil.copytree(default_run.home, home, ignore=shutil.ignore_patterns("*.lock"))
+    env = {**default_run.env, "CD4ML_HOME": str(home)}
+    version = default_run.result["dataset"]
+    items = pd.read_parquet(home/"data"/version/"items.parquet")
+    new, known = int(items.item_nbr.max()) + 1, items.iloc[0]
+    (tmp_path/"items.csv").write_text("item_nbr,family,class,perishable\n"
+                                      f"{new},{known.family},{known['class']},{known.perishable}\n")
+    imported = cli.json(env, "data", "import", "--items", tmp_path/"items.csv")
+    assert (imported["items_of"], imported["items_added"]) == (version, 1)
+    end = pd.Timestamp(cli.json(env, "data", "show", version)["end"])
+    rows = [{"date": (end + pd.Timedelta(days=1)).date().isoformat(), "store_nbr": 1, "item_nbr": int(item),
+             "onpromotion": False} for item in (new, known.item_nbr)]
+    with running_server(home, env=env) as base:
+        assert httpx.get(f"{base}/info", timeout=30).json()["champion"]["items_version"] == imported["version"]
+        r = httpx.post(f"{base}/predict", json={"rows": rows}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cold_start"] == [True, False]
+    assert all(p >= 0 for p in body["predictions"]) and body["predictions"][0] > 0
