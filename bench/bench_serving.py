@@ -72,12 +72,12 @@ def prepare(home: Path, items: int) -> dict:
     done = home/"bench.json"
     if done.exists(): return json.loads(done.read_text())
     import mlflow.sklearn
-    from cd4ml import features, models
+    from cd4ml import datasets, features, models
     from cd4ml.core import tracking_uri
     from cd4ml.scale import generate_partitioned
     t = time.perf_counter()
     ds = generate_partitioned(stores=STORES, items=items, days=DAYS, start="2017-01-01", seed=0)
-    sample = {**features.tables_of(ds, ["items", "stores", "holidays", "oil", "transactions"]),
+    sample = {**datasets.tables_of(ds, ["items", "stores", "holidays", "oil", "transactions"]),
               "sales": ds.sales[ds.sales.store_nbr <= 6]}             # the model's quality is not measured here
     end = pd.Timestamp(ds.meta["end"])
     model = models.fit(models.make_model("ridge"), features.training_frame(sample, [end - pd.Timedelta(days=16)], 16))

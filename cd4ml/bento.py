@@ -44,7 +44,7 @@ def import_champion(model_version: str | None = None,  # a registry version or a
     "Import a registry version into the BentoML store as `BENTO_MODEL`, its serving history and horizon included."
     import bentoml, mlflow
     from cd4ml.datasets import load_dataset
-    from cd4ml.features import freq_of
+    from cd4ml.datasets import freq_of
     from cd4ml.state import serving_history
     from cd4ml.registry import describe_version, trained_horizon
     from cd4ml.deployment import dataset_of, resolve_model

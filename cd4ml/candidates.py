@@ -21,8 +21,8 @@ CANDIDATES: dict[str, dict] = {
                       "max_samples": 0.3, "n_jobs": 1, "random_state": 0},
     "hist_gbr": {"max_iter": 60, "learning_rate": 0.1, "max_leaf_nodes": 15, "min_samples_leaf": 200,
                  "l2_regularization": 10.0, "early_stopping": False, "random_state": 0},
-    "lightgbm": {"n_estimators": 500, "learning_rate": 0.04, "num_leaves": 15, "min_child_samples": 200, "subsample": 0.8,
-                 "subsample_freq": 1, "colsample_bytree": 0.5, "extra_trees": True, "reg_lambda": 10.0, "n_jobs": 1,
+    "lightgbm": {"n_estimators": 1000, "learning_rate": 0.03, "num_leaves": 15, "min_child_samples": 200, "subsample": 0.8,
+                 "subsample_freq": 1, "colsample_bytree": 0.8, "extra_trees": True, "reg_lambda": 10.0, "n_jobs": 1,
                  "random_state": 0, "verbose": -1},
     "blend": {"lightgbm": 0.7, "ridge": 0.3, "hist_gbr": 0.0, "random_forest": 0.0},   # weight of each learned candidate
 }

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, jsonable
-from . import features
+from .datasets import period_of
 
 # %% auto #0
 __all__ = ['ROW_FIELDS', 'INT_RANGE', 'FEEDBACK_FIELDS', 'UNIT_SALES_RANGE', 'MAX_QUANTILES', 'RequestError', 'Rows',
@@ -202,7 +202,7 @@ class Catalog:
         self._ids = {"store_nbr": set(self.stores.store_nbr.astype("int64").tolist()),
                      "item_nbr": set(self.items.item_nbr.astype("int64").tolist())}
         self._end = self.history_end.to_datetime64().astype("datetime64[ns]")
-        period = features.period_of(self.freq)
+        period = period_of(self.freq)
         self.step_days = period.days
         self._dates = pd.date_range(self.history_end + period, periods=self.max_horizon, freq=period)
 

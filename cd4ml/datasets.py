@@ -17,7 +17,7 @@ from .core import Cd4mlError, atomic_dir, hash_bytes, hash_frame, workspace, wri
 # %% auto #0
 __all__ = ['SALES', 'TABLES', 'REQUIRED', 'SIDE_TABLES', 'normalize', 'first_out_of_order', 'data_root', 'dataset_version',
            'version_of_hashes', 'describe', 'Dataset', 'save_dataset', 'list_datasets', 'resolve_version',
-           'load_dataset', 'with_new_items']
+           'load_dataset', 'tables_of', 'freq_of', 'period_of', 'with_new_items']
 
 # %% ../nbs/03_datasets.ipynb #5955252e
 SALES = "sales"   # the main table: units sold per date, store and item (Kaggle's `train`)
@@ -152,6 +152,26 @@ def load_dataset(ref: str) -> Dataset:
     version = resolve_version(ref)
     path = data_root()/version
     return Dataset(version, path, json.loads((path/"meta.json").read_text()))
+
+# %% ../nbs/03_datasets.ipynb #e126ffc4
+def tables_of(data: Dataset | dict,   # a stored dataset or a dict of tables (plus an optional "meta" dict)
+              names=None,             # the tables wanted; default all present
+             ) -> dict[str, pd.DataFrame]:
+    "The normalized tables of a `Dataset` or of a dict of tables, by name (only those present)."
+    names = [n for n in TABLES if names is None or n in names]
+    if isinstance(data, Dataset): return {n: data.table(n) for n in names if n in data}
+    return {n: normalize(n, data[n]) for n in names if isinstance(data.get(n), pd.DataFrame)}
+
+def freq_of(data: Dataset | dict) -> str:
+    "The dataset's frequency, 'D' (daily) or 'W' (weekly)."
+    meta = data.meta if isinstance(data, Dataset) else data.get("meta", {}) or {}
+    freq = meta.get("freq", "D")
+    if freq not in ("D", "W"): raise Cd4mlError(f"meta['freq'] is {freq!r}; expected 'D' (daily) or 'W' (weekly)")
+    return freq
+
+def period_of(freq: str) -> pd.Timedelta:
+    "The length of one period: a day or a week."
+    return pd.Timedelta(days=7 if freq == "W" else 1)
 
 # %% ../nbs/03_datasets.ipynb #f8800267
 def with_new_items(version: str) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError, tracking_uri
-from .datasets import load_dataset, with_new_items
+from .datasets import freq_of, load_dataset, with_new_items
 from .contract import Catalog, Rows, check_rows, parse_columns, parse_quantiles, parse_rows, quantile_key
 from .forecaster import Forecaster
 from .logstore import PredictionLog, STORE_DEFAULTS, open_store
@@ -288,7 +288,7 @@ def load_forecaster(model_version: str | int | None = None, # a version number o
         model = mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
         data = load_dataset(served)
         info = {"name": name, "version": mv.version, "run_id": mv.run_id, "model_uri": f"models:/{name}/{mv.version}",
-                "dataset_version": trained, "items_version": served, "horizon": horizon, "freq": features.freq_of(data),
+                "dataset_version": trained, "items_version": served, "horizon": horizon, "freq": freq_of(data),
                 "git_sha": mv.tags.get("git_sha") or _run_tag(mv.run_id, "git_sha"),
                 "aliases": list(getattr(mv, "aliases", []) or [])}
         _forecasters[key] = Forecaster(model, data, mv.version, max_horizon or horizon, info, cache_rows,
@@ -310,7 +310,7 @@ def _window(ref: str | None, max_horizon: int | None, name: str = MODEL_NAME) ->
     ds, none = load_dataset(dataset_of(mv)), pd.DataFrame({"store_nbr": [], "item_nbr": []})
     horizon = max_horizon or trained_horizon(describe_version(mv.version, name))
     return SimpleNamespace(version=mv.version,
-                           catalog=Catalog(none, none, pd.Timestamp(ds.meta["end"]), horizon, features.freq_of(ds)))
+                           catalog=Catalog(none, none, pd.Timestamp(ds.meta["end"]), horizon, freq_of(ds)))
 
 def check_models(config: ServeConfig) -> dict:
     """The versions (strings) `config` will serve, or a `Cd4mlError` if one is missing from the registry or the

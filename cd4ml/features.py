@@ -11,44 +11,26 @@ import numpy as np
 import pandas as pd
 
 from .core import Cd4mlError
-from .datasets import SALES, TABLES, Dataset, normalize
+from .datasets import SALES, Dataset, freq_of, period_of, tables_of
 
 # %% auto #0
-__all__ = ['WINDOW_DAYS', 'LOOKBACK_DAYS', 'CALENDAR', 'HOLIDAYS', 'PROMO', 'HISTORY', 'ATTRIBUTES', 'EXTERNAL', 'FEATURES',
-           'tables_of', 'freq_of', 'period_of', 'History', 'series_key', 'history', 'series_stats', 'holiday_flags',
-           'payday', 'oil_at', 'Context', 'context', 'feature_rows', 'family_weekday_sums', 'pool_family_weekday',
+__all__ = ['WINDOW_DAYS', 'YEAR_DAYS', 'LOOKBACK_DAYS', 'YEAR', 'CALENDAR', 'HOLIDAYS', 'PROMO', 'HISTORY', 'ATTRIBUTES',
+           'EXTERNAL', 'FEATURES', 'History', 'series_key', 'history', 'series_stats', 'holiday_flags', 'payday',
+           'oil_at', 'Context', 'context', 'feature_rows', 'family_weekday_sums', 'pool_family_weekday',
            'family_weekday_at', 'OriginStats', 'origin_stats', 'family_weekday_partial', 'repooled_family',
            'lookback_start', 'first_sale_by_key', 'features_for', 'training_frame', 'training_rows', 'forecast_origins']
 
-# %% ../nbs/11_features.ipynb #e126ffc4
-def tables_of(data: Dataset | dict,   # a stored dataset or a dict of tables (plus an optional "meta" dict)
-              names=None,             # the tables wanted; default all present
-             ) -> dict[str, pd.DataFrame]:
-    "The normalized tables of a `Dataset` or of a dict of tables, by name (only those present)."
-    names = [n for n in TABLES if names is None or n in names]
-    if isinstance(data, Dataset): return {n: data.table(n) for n in names if n in data}
-    return {n: normalize(n, data[n]) for n in names if isinstance(data.get(n), pd.DataFrame)}
-
-def freq_of(data: Dataset | dict) -> str:
-    "The dataset's frequency, 'D' (daily) or 'W' (weekly)."
-    meta = data.meta if isinstance(data, Dataset) else data.get("meta", {}) or {}
-    freq = meta.get("freq", "D")
-    if freq not in ("D", "W"): raise Cd4mlError(f"meta['freq'] is {freq!r}; expected 'D' (daily) or 'W' (weekly)")
-    return freq
-
-def period_of(freq: str) -> pd.Timedelta:
-    "The length of one period: a day or a week."
-    return pd.Timedelta(days=7 if freq == "W" else 1)
-
 # %% ../nbs/11_features.ipynb #50b10932
 WINDOW_DAYS = (7, 14, 28, 56, 112) # rolling windows over the history, in days
-LOOKBACK_DAYS = max(WINDOW_DAYS)   # how much history before the origin any feature reads
+YEAR_DAYS = 364                    # the long window: a year of whole weeks
+LOOKBACK_DAYS = YEAR_DAYS          # how much history before the origin any feature reads
 
+YEAR = ["mean_364d", "level_364d", "zero_frac_364d"]   # a series' long-run level and share of zero days
 CALENDAR = ["days_ahead", "dow", "dom", "payday"]
 HOLIDAYS = ["hol_national", "hol_regional", "hol_local", "hol_event", "hol_bridge", "hol_workday"]
 PROMO = ["promo_now", "promo_14d"]
 HISTORY = (["lag_1", "last_same_dow", "dow_mean_4w", "dow_mean_8w", "family_dow_8w"] + [f"mean_{d}d" for d in WINDOW_DAYS]
-           + [f"median_{d}d" for d in WINDOW_DAYS] + ["level_28d", "level_112d", "zero_frac_28d", "days_open"])
+           + [f"median_{d}d" for d in WINDOW_DAYS] + ["level_28d", "level_112d", "zero_frac_28d", "days_open"] + YEAR)
 ATTRIBUTES = ["family_code", "class_code", "perishable", "store_type_code", "store_cluster"]
 EXTERNAL = ["oil", "oil_change_28d", "transactions_28d"]
 FEATURES = CALENDAR + HOLIDAYS + PROMO + HISTORY + ATTRIBUTES + EXTERNAL
@@ -130,9 +112,11 @@ def series_stats(hist: History, origin) -> tuple[pd.DataFrame, np.ndarray]:
     for d in WINDOW_DAYS:
         w = y[:, look - d // days:]
         out[f"mean_{d}d"], out[f"median_{d}d"] = _nan_reduce(np.nanmean, w), _nan_reduce(np.nanmedian, w)
-    for d in (28, 112): out[f"level_{d}d"] = np.log1p(_nan_reduce(np.nanmean, np.expm1(y[:, look - d // days:])))
-    w28 = y[:, look - 28 // days:]
-    out["zero_frac_28d"] = _nan_reduce(np.nanmean, np.where(np.isnan(w28), np.nan, w28 == 0))
+    out["mean_364d"] = _nan_reduce(np.nanmean, y)   # the whole lookback: a year
+    for d in (28, 112, YEAR_DAYS): out[f"level_{d}d"] = np.log1p(_nan_reduce(np.nanmean, np.expm1(y[:, look - d // days:])))
+    for d in (28, YEAR_DAYS):
+        w = y[:, look - d // days:]
+        out[f"zero_frac_{d}d"] = _nan_reduce(np.nanmean, np.where(np.isnan(w), np.nan, w == 0))
     out["promo_14d"] = np.nan_to_num(promo[:, look - 14 // days:]).sum(axis=1) / (14 // days)
     out["days_open"] = np.log1p(np.maximum((origin.to_datetime64() - hist.first) / hist.step.to_timedelta64(), 0))
     season = 7 // days                               # periods per week: 7 daily, 1 weekly

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pandas as pd
 
-from .datasets import Dataset
+from .datasets import Dataset, freq_of, period_of, tables_of
 from .contract import Catalog, RequestError, Rows
 from .intervals import bounds, quantile_range
 from . import features
@@ -74,9 +74,9 @@ class Forecaster:
                  intervals: dict | None = None): # its stored intervals (`intervals.calibrate`); None: no quantiles
         self.model, self.version, self.info, self.intervals = model, str(version), dict(info or {}), intervals
         self.units = compile_model(model)   # units (>= 0) of a feature array, as `models.predict` gives them
-        tables = features.tables_of(data, ["stores", "items"])
+        tables = tables_of(data, ["stores", "items"])
         self.origin = history_end(data)
-        self.catalog = Catalog(tables["stores"], tables["items"], self.origin, max_horizon, features.freq_of(data))
+        self.catalog = Catalog(tables["stores"], tables["items"], self.origin, max_horizon, freq_of(data))
         self.state = series_state(data, max_horizon)
         self.cache = AnswerCache(cache_rows)
 
@@ -144,7 +144,7 @@ def offline_predict(model,                 # a fitted estimator taking `features
                    ) -> np.ndarray:
     "What a version serves for `rows`, computed offline: `features_for` and `models.predict`; cold starts from the hierarchy."
     from cd4ml import models
-    origin, step = history_end(data), features.period_of(features.freq_of(data))
+    origin, step = history_end(data), period_of(freq_of(data))
     horizon = max(1, int((pd.Timestamp(rows.date.max()) - origin) // step))
     cold, units = cold_start(series_state(data, horizon), rows)
     if not cold.all(): units[~cold] = models.predict(model, features.features_for(data, rows[~cold], origin))

@@ -166,7 +166,7 @@ LEVEL_REFERENCE = "mean_7d"   # a series' recent level: the last 7 days' mean lo
 RELATIVE = ["lag_1", "last_same_dow", "dow_mean_4w", *[f"{s}_{d}d" for s in ("mean", "median") for d in WINDOW_DAYS if d <= 28],
             "level_28d"]       # log1p-scale history features, measured from the reference
 FORGOTTEN = ["dow_mean_8w", *[f"{s}_{d}d" for s in ("mean", "median") for d in WINDOW_DAYS if d > 28],
-             "level_112d"]     # the windows over 28 days: left out (0)
+             "level_112d", "mean_364d", "level_364d"]     # the windows over 28 days: left out (0)
 
 class LevelRelative(RegressorMixin, BaseEstimator):
     "`regressor` learns log1p(units) minus the recent level from history features minus it; predicts log1p(units)."

@@ -11,7 +11,7 @@ import pandas as pd
 
 from .core import Cd4mlError
 from . import features
-from .datasets import SALES
+from .datasets import SALES, freq_of, period_of, tables_of
 from .drift import drift_table
 from .metrics import mae, nwrmsle, perishable_weight
 from .registry import MODEL_NAME
@@ -148,8 +148,8 @@ def reference_features(data,                 # the champion's dataset (a `Datase
                        n_origins: int = 4,   # back-to-back forecasts before the dataset's end
                       ) -> pd.DataFrame:
     "`FEATURES`, unit_sales (and `prediction`) of the dataset's last `n_origins` forecasts of `horizon` periods."
-    sales = features.tables_of(data, [SALES])[SALES]
-    step = features.period_of(features.freq_of(data)) * max(int(horizon), 1)
+    sales = tables_of(data, [SALES])[SALES]
+    step = period_of(freq_of(data)) * max(int(horizon), 1)
     origins = [sales.date.max() - step * k for k in range(1, n_origins + 1)]
     frame = features.training_frame(data, [o for o in origins if o >= sales.date.min()], max(int(horizon), 1))
     if model is None: return frame
@@ -158,7 +158,7 @@ def reference_features(data,                 # the champion's dataset (a `Datase
 def served_features(data, served: pd.DataFrame, version: str | None = None) -> pd.DataFrame:
     "The served answers of `version` (None: any) after the dataset's end: keys, prediction and the served `FEATURES`."
     if served.empty: return served.assign(**{f: pd.Series(dtype=float) for f in features.FEATURES})
-    sales = features.tables_of(data, [SALES])[SALES]
+    sales = tables_of(data, [SALES])[SALES]
     origin = sales.date.max()
     answers = served[(served.role == "answer") & (served.date > origin)
                      & ((served.model_version == str(version)) if version is not None else True)]
@@ -256,7 +256,7 @@ def build_report(records: list[dict],            # prediction log records (`logs
     "Live accuracy, drift, traffic, alerts and whether to retrain, as a JSON-ready dict."
     served, fb = served_frame(records, since), feedback_frame(feedback_records, since)
     joined = join_feedback(served, fb)
-    items = features.tables_of(data, ["items"])["items"]
+    items = tables_of(data, ["items"])["items"]
     report = {"since": since, "champion": champion, "holdout_nwrmsle": holdout_nwrmsle, "horizon": horizon,
               "live": live_metrics(joined, items), "live_cold_start": live_by_cold_start(joined, items),
               "drift": {}, "drift_rows": 0,

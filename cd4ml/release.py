@@ -106,7 +106,7 @@ def smoke_rows(ds,                # the dataset the version was trained on (`cd4
                n: int = 20,       # rows
                seed: int = 0) -> pd.DataFrame:
     "`n` request rows (`contract.ROW_FIELDS`) of store-items that recently sold, on days the version forecasts."
-    from cd4ml.features import period_of
+    from cd4ml.datasets import period_of
     rng = np.random.default_rng(seed)
     end = pd.Timestamp(ds.meta["end"])
     recent = sales_window(ds, end - pd.Timedelta(days=27), end)    # read from the store: not the whole history
@@ -124,7 +124,7 @@ def catalog_rows(ds,             # the dataset the version was trained on (`cd4m
                  n: int = 200,   # rows
                  seed: int = 1) -> pd.DataFrame:
     "`n` request rows drawn uniformly over the catalog: any store, item, forecastable day and promotion."
-    from cd4ml.features import period_of
+    from cd4ml.datasets import period_of
     rng = np.random.default_rng(seed)
     end = pd.Timestamp(ds.meta["end"])
     stores, items = ds.table("stores").store_nbr.to_numpy(), ds.table("items").item_nbr.to_numpy()

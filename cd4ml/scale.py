@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core import Cd4mlError, hash_frame, home, write_json
-from .datasets import SALES, TABLES, Dataset, data_root, load_dataset, normalize, version_of_hashes
-from .features import (family_weekday_partial, freq_of, lookback_start, origin_stats, period_of, pool_family_weekday,
-                            repooled_family, series_key, training_frame, training_rows)
+from .datasets import (SALES, TABLES, Dataset, data_root, freq_of, load_dataset, normalize, period_of,
+                            version_of_hashes)
+from .features import (family_weekday_partial, lookback_start, origin_stats, pool_family_weekday, repooled_family,
+                            series_key, training_frame, training_rows)
 from .models import sampled, training_config
 
 # %% auto #0

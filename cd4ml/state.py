@@ -11,16 +11,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .core import Cd4mlError
-from .datasets import SALES, Dataset
+from .datasets import SALES, Dataset, freq_of, period_of, tables_of
 from .features import (ATTRIBUTES, FEATURES, HOLIDAYS, _store_traffic, context, family_weekday_sums,
-                            first_sale_by_key, freq_of, history, lookback_start, oil_at, payday, period_of,
-                            pool_family_weekday, series_key, series_stats, tables_of)
+                            first_sale_by_key, history, lookback_start, oil_at, payday, pool_family_weekday,
+                            series_key, series_stats)
 from .scale import FIRST_SALE
 
 # %% auto #0
-__all__ = ['SMALL_TABLES', 'SEASONAL', 'BY_DATE', 'BY_ITEM', 'BY_STORE', 'COLD_PEERS', 'history_end', 'sales_window',
-           'first_sales', 'serving_history', 'SeriesState', 'hierarchy_means', 'promo_lift', 'series_state', 'locate',
-           'state_features', 'answer_keys', 'cold_start', 'recent_units']
+__all__ = ['SMALL_TABLES', 'SEASONAL', 'BY_DATE', 'BY_ITEM', 'BY_STORE', 'RECENT_DAYS', 'COLD_PEERS', 'history_end',
+           'sales_window', 'first_sales', 'serving_history', 'SeriesState', 'hierarchy_means', 'promo_lift',
+           'series_state', 'locate', 'state_features', 'answer_keys', 'cold_start', 'recent_units']
 
 # %% ../nbs/15_state.ipynb #1b407b38
 SMALL_TABLES = ("items", "stores", "holidays", "oil", "transactions")   # read whole: one row per item, store or day
@@ -88,7 +88,7 @@ class SeriesState(NamedTuple):
     holidays: np.ndarray    # per store x forecastable period: `HOLIDAYS`
     by_item: np.ndarray     # per item: `BY_ITEM`
     by_store: np.ndarray    # per store: `BY_STORE`
-    units: np.ndarray       # per series: unit sales of each period of the lookback window (0: none sold)
+    units: np.ndarray       # per series: unit sales of each of the last `RECENT_DAYS` of history (0: none sold)
     cold: np.ndarray        # per store x item class x weekday lag: what a store-item that never sold there forecasts
                             # (log1p units: `cold_start`)
     item_class: np.ndarray  # per item: its index in `cold`'s classes
@@ -130,11 +130,16 @@ def _attribute_arrays(ctx, stores: np.ndarray, items: np.ndarray, origin: pd.Tim
     return {"by_item": ctx.items.reindex(items).fillna(-1.0).to_numpy("float64"),
             "by_store": np.column_stack([ctx.stores.reindex(stores).fillna(-1.0).to_numpy("float64"), traffic])}
 
+RECENT_DAYS = 112   # the sales a state keeps per series, for charts (`recent_units`); its statistics cover the lookback
+
 def _window_units(window: pd.DataFrame, hist) -> np.ndarray:
-    "Unit sales per series (rows like `hist.keys`, plus a row of zeros) and period of `hist`'s grid (0: none sold)."
-    units = np.zeros((len(hist.keys) + 1, hist.y.shape[1]))
-    rows = np.searchsorted(hist.keys, series_key(window.store_nbr, window.item_nbr))
-    units[rows, (window.date - hist.start) // hist.step] = window.unit_sales.to_numpy("float64")
+    "Unit sales per series (rows like `hist.keys`, plus a row of zeros) and period of the last `RECENT_DAYS` of `hist`'s grid (0: none sold)."
+    n = min(RECENT_DAYS // hist.step.days, hist.y.shape[1])
+    first = hist.y.shape[1] - n                            # the grid column of the first period kept
+    recent = window[window.date >= hist.start + hist.step * first]
+    units = np.zeros((len(hist.keys) + 1, n))
+    rows = np.searchsorted(hist.keys, series_key(recent.store_nbr, recent.item_nbr))
+    units[rows, (recent.date - hist.start) // hist.step - first] = recent.unit_sales.to_numpy("float64")
     return units
 
 # %% ../nbs/15_state.ipynb #bdd61b7a
