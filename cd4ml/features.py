@@ -360,7 +360,7 @@ def training_rows(prep: OriginStats, # `origin_stats` of the data
 # %% ../nbs/11_features.ipynb #cc99b319
 def forecast_origins(data: Dataset | dict,  # the dataset
                      horizon: int,          # periods forecast from each origin
-                     n_train: int,          # training origins
+                     n_train: int,          # training origins, at most: those the sales do not reach back to are dropped
                      n_valid: int,          # validation origins
                      step: int | None = None, # periods between origins; default 7 days (daily) or 1 week (weekly)
                     ) -> dict:
@@ -377,8 +377,9 @@ def forecast_origins(data: Dataset | dict,  # the dataset
     holdout = last - period * horizon
     back = lambda end, n: [end - period * step * i for i in range(n)][::-1]
     valid = back(holdout - period * horizon, n_valid)
-    train = back((valid[0] if valid else holdout) - period * horizon, n_train)
-    if train[0] < first:
-        raise Cd4mlError(f"sales span {first.date()}..{last.date()}, too short for horizon={horizon}, n_train={n_train}, "
-                         f"n_valid={n_valid}, step={step}: the first origin would be {train[0].date()}; use fewer origins")
+    train = [o for o in back((valid[0] if valid else holdout) - period * horizon, n_train) if o >= first]
+    if not train or (valid and valid[0] < first):
+        raise Cd4mlError(f"sales span {first.date()}..{last.date()}, too short for horizon={horizon}, n_valid={n_valid}, "
+                         f"step={step}: no training origin fits before the validation ones; use fewer validation origins "
+                         "or a shorter horizon")
     return {"train": train, "valid": valid, "holdout": holdout}
