@@ -139,8 +139,9 @@ def predict(model: TransformedTargetRegressor, frame: pd.DataFrame,
             chunk_rows: int = PREDICT_ROWS,   # rows per call: the model's intermediate arrays stay this small
            ) -> np.ndarray:
     "Predicted units for each row of `frame`, never negative; a chunk of rows at a time (rows are independent)."
+    inputs = list(getattr(model, "feature_names_in_", FEATURES))   # a version fitted before features were added: its own
     with _one_thread():
-        parts = [model.predict(frame.iloc[a:a + chunk_rows][FEATURES]) for a in range(0, len(frame), chunk_rows)]
+        parts = [model.predict(frame.iloc[a:a + chunk_rows][inputs]) for a in range(0, len(frame), chunk_rows)]
         return np.clip(np.concatenate(parts) if parts else np.zeros(0), 0, None)
 
 # %% ../nbs/12_models.ipynb #e609a057
