@@ -21,7 +21,7 @@ import pandas as pd
 from cd4ml.features import FEATURES, YEAR, forecast_origins, training_frame
 from cd4ml.metrics import gain_captured, noise_floors, nwrmsle
 from cd4ml.candidates import CANDIDATES
-from cd4ml.models import _ridge, make_model
+from cd4ml.models import _ridge, _weight_param, make_model
 from cd4ml.simulate import simulate
 
 WORLD = dict(stores=10, items=50, days=730, start="2015-01-01")   # the default pipeline's data (pipeline.yaml)
@@ -62,7 +62,8 @@ def variant(name: str, params: dict | None = None, n_train: int = N_TRAIN, drop=
         if add is not None: train, valid = add(train), add(valid)
         cols = [c for c in FEATURES if c not in drop] + (["truth"] if "truth" in train else [])
         model = learner(name, cols, params, lightgbm)
-        model.fit(train[cols], train.unit_sales.clip(lower=0), sample_weight=train.weight)
+        weight = _weight_param(model.regressor)                        # as `cd4ml.models.fit` passes the weights
+        model.fit(train[cols], train.unit_sales.clip(lower=0), **({weight: train.weight.to_numpy()} if weight else {}))
         return np.clip(model.predict(valid[cols]), 0, None)
     return run
 
@@ -79,10 +80,11 @@ VARIANTS = {
     "lightgbm": variant("lightgbm"),
     "blend": variant("blend"),                                          # 0.7 lightgbm + 0.3 ridge (log scale)
     "blend without the year": variant("blend", drop=YEAR),
-    "blend, 20 origins": variant("blend", n_train=20),
-    "blend, 8 origins": variant("blend", n_train=8),
-    "blend, 8 origins, without the year": variant("blend", n_train=8, drop=YEAR),
-    "blend, earlier lightgbm": variant("blend", lightgbm=EARLIER_LIGHTGBM),
+    "blend on 20 origins": variant("blend", n_train=20),
+    "blend on 8 origins": variant("blend", n_train=8),
+    "blend on 8 origins without the year": variant("blend", n_train=8, drop=YEAR),
+    "blend with the earlier lightgbm": variant("blend", lightgbm=EARLIER_LIGHTGBM),
+    "the earlier blend (all three undone)": variant("blend", n_train=8, drop=YEAR, lightgbm=EARLIER_LIGHTGBM),
     "blend 0.5/0.5": variant("blend", {"lightgbm": 0.5, "ridge": 0.5}),
     "blend +hist_gbr": variant("blend", {"lightgbm": 0.5, "ridge": 0.3, "hist_gbr": 0.2}),
     "ceiling: lightgbm + truth": variant("lightgbm", add=truth),
