@@ -26,7 +26,7 @@ from .features import FEATURES, WINDOW_DAYS
 __all__ = ['CATEGORICAL', 'LEVELS', 'PREDICT_ROWS', 'LEVEL_REFERENCE', 'RELATIVE', 'FORGOTTEN', 'TRAINING_DEFAULTS',
            'LEVEL_BREAK', 'FeatureBaseline', 'MovingAverage', 'SeasonalNaive', 'make_model', 'fit', 'predict', 'Blend',
            'LevelRelative', 'feature_importance', 'training_config', 'in_sample', 'sampled', 'level_breaks',
-           'training_set', 'PerHorizon', 'per_horizon']
+           'training_level', 'training_set', 'PerHorizon', 'per_horizon']
 
 # %% ../nbs/12_models.ipynb #ef2dbaa7
 class FeatureBaseline(RegressorMixin, BaseEstimator):
@@ -211,7 +211,7 @@ def feature_importance(model: TransformedTargetRegressor, # a fitted model
 
 # %% ../nbs/12_models.ipynb #7c9474a2
 TRAINING_DEFAULTS = {"mode": "full", "sample_fraction": 0.25, "seed": 0,
-                     "since": None, "half_life": None, "level": "absolute"}   # see *Training after a change*
+                     "since": None, "half_life": None, "level": "auto"}   # see *Training after a change*
 
 def training_config(training: dict | None, # the spec's `training` block (None: defaults)
                     where: str = "training", # for error messages
@@ -240,8 +240,8 @@ def _recency(training: dict, where: str) -> dict:
     h = training["half_life"]
     if h is not None and (isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0):
         raise Cd4mlError(f"{where}.half_life = {h!r}; expected a number of days > 0 (or null)")
-    if training["level"] not in LEVELS:
-        raise Cd4mlError(f"{where}.level = {training['level']!r}; expected one of {list(LEVELS)}")
+    if training["level"] not in (*LEVELS, "auto"):
+        raise Cd4mlError(f"{where}.level = {training['level']!r}; expected one of {[*LEVELS, 'auto']}")
     return {"half_life": h, "level": training["level"]}
 
 def in_sample(store_nbr, item_nbr, training: dict) -> np.ndarray:
@@ -269,13 +269,21 @@ def level_breaks(frame: pd.DataFrame) -> list:
                          "last_7_days": frame[LEVEL_REFERENCE] - frame["mean_28d"]}).groupby(frame.origin).mean()
     return sorted(gaps.index[(gaps.abs() > LEVEL_BREAK).any(axis=1)])
 
+def training_level(frame: pd.DataFrame, # training rows (`training_frame`), and the validation rows: the latest origins
+                   training: dict,      # a checked `training` block (`training_config`)
+                  ) -> str:
+    "The level the models learn at: the block's, or for `auto` relative when an origin of `frame` lies at a level break, else absolute."
+    if training["level"] != "auto": return training["level"]
+    return "relative" if level_breaks(frame) else "absolute"
+
 def training_set(frame: pd.DataFrame, # training rows (`training_frame`), origins and weights
                  training: dict | None, # the spec's `training` block (see `training_config`)
                 ) -> pd.DataFrame:
-    "The rows the models learn from: origins from `since` on, none at a level break (`level: relative`), weights halving every `half_life` days of age."
+    "The rows the models learn from: origins from `since` on, none at a level break (relative level: `training_level`), weights halving every `half_life` days of age."
     training = training_config(training)
+    relative = training_level(frame, training) == "relative"
     if training["since"]: frame = frame[frame.origin >= pd.Timestamp(training["since"])]
-    if training["level"] == "relative": frame = frame[~frame.origin.isin(level_breaks(frame))]
+    if relative: frame = frame[~frame.origin.isin(level_breaks(frame))]
     if not len(frame):
         raise Cd4mlError(f"training.since = {training['since']!r} leaves no training origin (use an earlier date, or more data)")
     if training["half_life"]:

@@ -171,7 +171,7 @@ def test_bad_params_fail_before_running(base, env, project, monkeypatch):
                           (["-p", "models.ridge.depth=3"], "model 'ridge': unknown parameter(s) ['depth']"),
                           (["-p", "engine=spark"], "engine 'spark' is unknown"),
                           (["-p", "training.sample_fraction=2"], "training.sample_fraction = 2"),
-                          (["-p", "training.level=steep"], "training.level = 'steep'; expected one of ['absolute', 'relative']"),
+                          (["-p", "training.level=steep"], "training.level = 'steep'; expected one of ['absolute', 'relative', 'auto']"),
                           (["-p", "training.since=July"], "training.since = 'July'; expected a date YYYY-MM-DD"),
                           (["-p", "days"], "is not key=value")]:
         r = CliRunner().invoke(app, ["run", str(project), *args])
