@@ -73,7 +73,7 @@ readme: install ## README.md from nbs/index.ipynb
 check-sync: install ## fail if cd4ml/ or README.md are out of sync with nbs/, or notebooks are not clean
 	bash .ci/check-sync
 
-bench: install ## benchmarks: simulator speed/memory, pipeline overhead and cache ratios, what each candidate adds on the default data and the 20 M-row preset (7-10 min; the first time +1-2 min and 0.5 GB in $$CD4ML_HOME; CD4ML_BENCH_MEDIUM=0 skips the preset), one model call compiled vs sklearn, serving vs mlflow, weeks to recover from a level shift, gain captured per model against the Bayes floor
+bench: install ## benchmarks: simulator speed/memory, pipeline overhead and cache ratios, what each candidate adds on the default data and the 20 M-row preset (7-10 min; the first time +1-2 min and 0.5 GB in $$CD4ML_HOME; CD4ML_BENCH_MEDIUM=0 skips the preset), one model call compiled vs sklearn, serving vs mlflow, weeks to recover from a level shift, gain captured per model against the Bayes floor (15-20 min: three worlds, 40 training origins)
 	@for b in bench/bench_*.py; do [ $$b = bench/bench_scale.py ] && continue; echo "== $$b"; $(BIN)/python $$b || exit $$?; done
 
 bench-scale: install ## pandas vs dask engine at 1 M / 20 M rows (CD4ML_BENCH_SIZES=1M,20M,125M adds Favorita's size): time and peak RSS per step, table, plot
