@@ -6,7 +6,7 @@ so every size has Favorita's history length and only the number of items grows. 
 
   data      `cd4ml data generate --preset P --engine E` (pandas: the Kaggle CSVs, then imported; dask: Parquet parts)
   validate  the pipeline's validate step notebook
-  features  the features step notebook (horizon 16, 8 training and 2 validation origins, as pipeline.yaml)
+  features  the features step notebook (horizon 16, 8 training and 2 validation origins, as `make pipeline-favorita`)
   train     the train step notebook, one model (default ridge)
 
 each in a fresh process (papermill and its kernel for the notebooks), one after another. A thread samples the
@@ -99,8 +99,8 @@ def bench(size: str, engine: str, home: Path, model: str, sample_from: float, ma
     commands = {
         "data": [str(BIN/"cd4ml"), "data", "generate", "--preset", preset, *options, "--engine", engine, "--json"],
         "validate": notebook("validate", {"engine": engine, "inputs": {"data": str(work/"data")}}, work/"validate"),
-        "features": notebook("features", {"engine": engine, "training": training, "inputs": {"data": str(work/"data")}},
-                             work/"features"),
+        "features": notebook("features", {"engine": engine, "training": training, "n_train": 8,
+                                          "inputs": {"data": str(work/"data")}}, work/"features"),
         "train": notebook("train", {"model": model, "inputs": {"features": str(work/"features")}}, work/"train")}
     records, rows = [], int(nominal)
     for step in STEPS:
