@@ -13,7 +13,7 @@ as met / not met. The exit code is 0 either way: the numbers are the result (see
 
 Usage: .venv/bin/python bench/bench_models.py [--seeds 0,1,2] [--variants blend,lightgbm,...]
 """
-import argparse, sys, time, warnings
+import argparse, sys, time
 
 import numpy as np
 import pandas as pd

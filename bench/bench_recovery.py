@@ -58,9 +58,10 @@ def scores(data: dict, k: int, models: list) -> dict:
     error = lambda model: nwrmsle(later.unit_sales, predict(model, later), later.weight)
     out = {"moving_average": error(fit(make_model("moving_average"), train))}
     for mechanism, training in MECHANISMS.items():
+        training = training_config(training)
+        level = training["level"] = training_level([train, valid], training)   # as the train step decides
         try: rows = training_set(train, training)
         except Cd4mlError: rows = None                       # `since` the shift: no training origin yet
-        level = training_level(pd.concat([train, valid]), training_config(training))   # as the train step decides
         for name in models:
             out[name, mechanism] = None if rows is None else error(fit(make_model(name, None, level), rows))
     return out

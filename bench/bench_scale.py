@@ -38,6 +38,8 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT/"scripts"))
+from pipeline_preset import N_TRAIN   # noqa: E402  (the origins `make pipeline-favorita` trains on)
 BIN = Path(sys.executable).parent
 STEPS = ["data", "validate", "features", "train"]
 SIZES = {   # name -> (simulator preset, options of `cd4ml data generate` on top of it)
@@ -99,7 +101,7 @@ def bench(size: str, engine: str, home: Path, model: str, sample_from: float, ma
     commands = {
         "data": [str(BIN/"cd4ml"), "data", "generate", "--preset", preset, *options, "--engine", engine, "--json"],
         "validate": notebook("validate", {"engine": engine, "inputs": {"data": str(work/"data")}}, work/"validate"),
-        "features": notebook("features", {"engine": engine, "training": training, "n_train": 8,
+        "features": notebook("features", {"engine": engine, "training": training, "n_train": N_TRAIN,
                                           "inputs": {"data": str(work/"data")}}, work/"features"),
         "train": notebook("train", {"model": model, "inputs": {"features": str(work/"features")}}, work/"train")}
     records, rows = [], int(nominal)

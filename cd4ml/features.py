@@ -112,7 +112,7 @@ def series_stats(hist: History, origin) -> tuple[pd.DataFrame, np.ndarray]:
     for d in WINDOW_DAYS:
         w = y[:, look - d // days:]
         out[f"mean_{d}d"], out[f"median_{d}d"] = _nan_reduce(np.nanmean, w), _nan_reduce(np.nanmedian, w)
-    out["mean_364d"] = _nan_reduce(np.nanmean, y)   # the whole lookback: a year
+    out["mean_364d"] = _nan_reduce(np.nanmean, y[:, look - YEAR_DAYS // days:])
     for d in (28, 112, YEAR_DAYS): out[f"level_{d}d"] = np.log1p(_nan_reduce(np.nanmean, np.expm1(y[:, look - d // days:])))
     for d in (28, YEAR_DAYS):
         w = y[:, look - d // days:]

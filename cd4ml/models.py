@@ -269,19 +269,19 @@ def level_breaks(frame: pd.DataFrame) -> list:
                          "last_7_days": frame[LEVEL_REFERENCE] - frame["mean_28d"]}).groupby(frame.origin).mean()
     return sorted(gaps.index[(gaps.abs() > LEVEL_BREAK).any(axis=1)])
 
-def training_level(frame: pd.DataFrame, # training rows (`training_frame`), and the validation rows: the latest origins
-                   training: dict,      # a checked `training` block (`training_config`)
+def training_level(frames: list,   # frames of rows (`training_frame`): the training rows, and the validation rows (the latest origins)
+                   training: dict, # a checked `training` block (`training_config`)
                   ) -> str:
-    "The level the models learn at: the block's, or for `auto` relative when an origin of `frame` lies at a level break, else absolute."
+    "The level the models learn at: the block's, or for `auto` relative when an origin of `frames` lies at a level break, else absolute."
     if training["level"] != "auto": return training["level"]
-    return "relative" if level_breaks(frame) else "absolute"
+    return "relative" if any(level_breaks(f) for f in frames) else "absolute"
 
 def training_set(frame: pd.DataFrame, # training rows (`training_frame`), origins and weights
                  training: dict | None, # the spec's `training` block (see `training_config`)
                 ) -> pd.DataFrame:
-    "The rows the models learn from: origins from `since` on, none at a level break (relative level: `training_level`), weights halving every `half_life` days of age."
+    "The rows the models learn from: origins from `since` on, none at a level break (relative level; `auto`: `training_level` of `frame`), weights halving every `half_life` days of age."
     training = training_config(training)
-    relative = training_level(frame, training) == "relative"
+    relative = training_level([frame], training) == "relative"
     if training["since"]: frame = frame[frame.origin >= pd.Timestamp(training["since"])]
     if relative: frame = frame[~frame.origin.isin(level_breaks(frame))]
     if not len(frame):

@@ -21,11 +21,12 @@ CD4ML = str(Path(sys.executable).parent/"cd4ml")
 # hist_gbr trained side by side, each holding its training rows (1.1 M) and the validation rows (1.1 M, never sampled).
 # Favorita has 6.2x the rows and series, so both frames grow 6x: hence one candidate at a time and a 10 % sample
 # (at medium: 1.8 min, peak 4.5 GB, in the release step; the best NWRMSLE 0.6624 against 0.6617 with 25 %).
+N_TRAIN = 8      # training origins at Favorita's size (bench/bench_scale.py builds its features the same way)
 RUN_PARAMS = [   # why each one, at 125 M rows (about 220,000 series)
     "engine=dask",                 # validate and features part by part; the pandas engine would hold whole tables
     "training.mode=sample",        # every training row: ~28 M rows x 47 columns (10 GB); a tenth of the series:
     "training.sample_fraction=0.1",   # ~2.8 M rows, beside ~7 M validation rows
-    "n_train=8",                   # the default 40 origins: 5x those rows (14 M); the targets below hold with 8
+    f"n_train={N_TRAIN}",          # the default 40 origins: 5x those rows (14 M); the targets below hold with 8
     "models=moving_average,seasonal_naive,ridge,hist_gbr,lightgbm",   # random_forest: too slow for the hour at this size;
                                    # lightgbm at medium: 68-104 s (hist_gbr 20-40 s), the run's peak 3.3 GB (bench_candidates.py)
     "acceptance.max_nwrmsle=0.7",  # Kaggle-shaped data (28 % out-of-stock days, 40 % of the items launched mid-history)
