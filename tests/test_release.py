@@ -120,7 +120,16 @@ def test_an_item_imported_after_make_pipeline_is_served_as_a_cold_start(default_
     with running_server(home, env=env) as base:
         assert httpx.get(f"{base}/info", timeout=30).json()["champion"]["items_version"] == imported["version"]
         r = httpx.post(f"{base}/predict", json={"rows": rows}, timeout=60)
+        history = lambda days: httpx.get(f"{base}/history", timeout=30,
+                                         params={"store_nbr": 1, "item_nbr": int(known.item_nbr), "days": days})
+        chart, longer = history(112), history(113)
     assert r.status_code == 200, r.text
+    # the chart: the last 112 days of sales (the features read a year; the served state keeps 112 days of sales)
+    sales = pd.read_parquet(home/"data"/version/"sales.parquet", filters=[("store_nbr", "==", 1),
+                                                                          ("item_nbr", "==", int(known.item_nbr))])
+    last = sales.set_index("date").unit_sales.reindex(pd.date_range(end=end, periods=112), fill_value=0.0)
+    assert chart.status_code == 200 and [a["unit_sales"] for a in chart.json()["actual"]] == last.tolist()
+    assert longer.status_code == 422 and longer.json()["error"] == "days must be between 1 and 112; got 113"
     body = r.json()
     assert body["cold_start"] == [True, False]
     assert all(p >= 0 for p in body["predictions"]) and body["predictions"][0] > 0
